@@ -1,0 +1,1 @@
+"""Assembling the Beam job: options, the model registry and the pipeline graph."""

@@ -1,0 +1,128 @@
+"""The Beam graph: read -> decode -> embed (per model) -> write -> index -> manifest."""
+
+import datetime
+from typing import NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+
+from pipeline.versions import runtime_versions
+from schemas import outputs
+from transforms.decode import PREPROCESSING, DecodeImages
+from transforms.embed import EmbedImages
+from transforms.index import BuildIndex
+from transforms.read import ReadImages
+from transforms.write import WriteEmbeddings, WriteFailures
+
+
+class JobConfig(NamedTuple):
+  """Everything the graph needs, as plain values fixed at launch."""
+  patterns: Tuple[str, ...]
+  input_format: str
+  root: str
+  out_dir: str
+  models: Tuple  # probed transforms.models.ModelSpec, dim and input_size known
+  batch_size: int
+  intra_op_threads: Optional[int] = None
+  options: Optional[dict] = None  # the command line as the user gave it, for the manifest
+  started_at: Optional[str] = None
+
+
+def utc_now():
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def manifest_counts(facts, model_names):
+  """Per-stage counts -> the manifest's counts, where read = embedded + failed holds for
+  every model by construction of the failure records, and is checked here."""
+  read_failed, decode_failed = facts['read_failed'], facts['decode_failed']
+  read = facts['read_ok'] + read_failed
+  models = {}
+  for name in model_names:
+    embedded = facts['embedded/' + name]
+    failed = read_failed + decode_failed + facts['embed_failed/' + name]
+    models[name] = {'embedded': embedded, 'failed': failed,
+                    'embed_failed': facts['embed_failed/' + name]}
+  return {
+      'read': read, 'read_failed': read_failed, 'decode_failed': decode_failed,
+      'models': models,
+      'reconciled': all(m['embedded'] + m['failed'] == read for m in models.values()),
+  }
+
+
+def build_manifest(config: JobConfig, facts, index_infos):
+  names = [spec.name for spec in config.models]
+  return {
+      'format_version': outputs.MANIFEST_FORMAT_VERSION,
+      'started_at': config.started_at,
+      'completed_at': utc_now(),
+      'input': {'patterns': list(config.patterns), 'format': config.input_format,
+                'root': config.root},
+      'models': [{
+          'name': spec.name, 'handle': spec.handle, 'tensor': spec.tensor,
+          'format': spec.model_format, 'input_size': list(spec.input_size),
+          'dim': spec.dim,
+          'embeddings': outputs.relative_embeddings_glob(spec.name),
+          'index': index_infos.get(spec.name),
+      } for spec in config.models],
+      'preprocessing': PREPROCESSING,
+      'counts': manifest_counts(facts, names),
+      'batch_size': config.batch_size,
+      'options': config.options or {},
+      'versions': runtime_versions(),
+  }
+
+
+def write_manifest(config: JobConfig, facts, index_infos):
+  manifest = build_manifest(config, dict(facts), dict(index_infos))
+  outputs.write_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE), manifest)
+  return manifest
+
+
+def _count(pcoll, fact, label):
+  return (pcoll
+          | 'Count[%s]' % label >> beam.combiners.Count.Globally()
+          | 'Name[%s]' % label >> beam.Map(lambda n: (fact, n)))
+
+
+def build_pipeline(pipeline, config: JobConfig):
+  """Adds the whole job to `pipeline`; returns the PCollection holding the manifest."""
+  read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
+                                               config.root)
+  # Spreads the decode work, the first CPU-heavy stage, across workers.
+  images = read.images | 'Reshuffle' >> beam.Reshuffle()
+  decoded = images | 'DecodeImages' >> DecodeImages(
+      [spec.input_size for spec in config.models])
+
+  failures = [read.failures, decoded.failures]
+  facts = [_count(read.images, 'read_ok', 'read'),
+           _count(read.failures, 'read_failed', 'read failures'),
+           _count(decoded.failures, 'decode_failed', 'decode failures')]
+  index_infos = []
+  for spec in config.models:
+    embedded = decoded.decoded | 'Embed[%s]' % spec.name >> EmbedImages(
+        spec, config.batch_size, config.intra_op_threads)
+    written = embedded['embeddings'] | 'WriteEmbeddings[%s]' % spec.name >> WriteEmbeddings(
+        config.out_dir, spec.name, spec.dim)
+    index_infos.append(
+        written
+        | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name)
+        | 'Tag[%s]' % spec.name >> beam.Map(lambda info, name=spec.name: (name, info)))
+    failures.append(embedded['failures'])
+    facts.append(_count(embedded['embeddings'], 'embedded/' + spec.name, spec.name))
+    facts.append(_count(embedded['failures'], 'embed_failed/' + spec.name,
+                        spec.name + ' failures'))
+
+  failure_files = (failures
+                   | 'AllFailures' >> beam.Flatten()
+                   | 'WriteFailures' >> WriteFailures(config.out_dir))
+  all_facts = facts | 'AllCounts' >> beam.Flatten()
+  all_infos = index_infos | 'AllIndexes' >> beam.Flatten()
+  # Side inputs are complete before the manifest step runs, so the manifest is written
+  # after every embedding, failure and index file: its presence means the run finished.
+  return (
+      pipeline
+      | 'ManifestTrigger' >> beam.Create([None])
+      | 'WriteManifest' >> beam.Map(
+          lambda _, facts, infos, unused_failure_files: write_manifest(config, facts, infos),
+          beam.pvalue.AsList(all_facts), beam.pvalue.AsList(all_infos),
+          beam.pvalue.AsList(failure_files)))

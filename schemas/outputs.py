@@ -1,0 +1,151 @@
+"""Where every output file lives and what its columns are: the single source of truth."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from apache_beam.io.filesystems import FileSystems
+
+# File layout under OUT/ (see README, "Output layout").
+MANIFEST_FILE = 'manifest.json'
+FAILURES_DIR = 'failures'
+EMBEDDINGS_DIR = 'embeddings'
+INDEX_FILE = 'index.faiss'
+INDEX_IDS_FILE = 'index_ids.parquet'
+INDEX_INFO_FILE = 'index_info.json'
+PART_PREFIX = 'part'
+PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
+PARQUET_SUFFIX = '.parquet'
+
+MANIFEST_FORMAT_VERSION = 1
+
+
+def output_path(out_dir, *parts):
+  return FileSystems.join(out_dir.rstrip('/'), *parts)
+
+
+def model_dir(out_dir, model_name):
+  return output_path(out_dir, model_name)
+
+
+def embeddings_prefix(out_dir, model_name):
+  """Beam file-path prefix for a model's embedding parts."""
+  return output_path(out_dir, model_name, EMBEDDINGS_DIR, PART_PREFIX)
+
+
+def embeddings_glob(out_dir, model_name):
+  return output_path(out_dir, model_name, EMBEDDINGS_DIR,
+                     PART_PREFIX + '-*' + PARQUET_SUFFIX)
+
+
+def relative_embeddings_glob(model_name):
+  """The embedding files' pattern relative to OUT/, as the manifest records it."""
+  return '%s/%s/%s-*%s' % (model_name, EMBEDDINGS_DIR, PART_PREFIX, PARQUET_SUFFIX)
+
+
+def failures_prefix(out_dir):
+  return output_path(out_dir, FAILURES_DIR, PART_PREFIX)
+
+
+def failures_glob(out_dir):
+  return output_path(out_dir, FAILURES_DIR, PART_PREFIX + '-*' + PARQUET_SUFFIX)
+
+
+def embeddings_schema(dim):
+  """Columns of OUT/<model>/embeddings/part-*.parquet."""
+  return pa.schema([
+      pa.field('key', pa.string(), nullable=False),
+      pa.field('uri', pa.string(), nullable=False),
+      pa.field('model', pa.string(), nullable=False),
+      pa.field('embedding', pa.list_(pa.float32(), dim), nullable=False),
+      pa.field('width', pa.int32(), nullable=False),
+      pa.field('height', pa.int32(), nullable=False),
+      pa.field('sha256', pa.string(), nullable=False),
+      pa.field('label', pa.string()),
+      pa.field('metadata', pa.string()),  # JSON text of the source's other fields
+  ])
+
+
+FAILURES_SCHEMA = pa.schema([
+    pa.field('key', pa.string(), nullable=False),
+    pa.field('uri', pa.string(), nullable=False),
+    pa.field('stage', pa.string(), nullable=False),
+    pa.field('error', pa.string(), nullable=False),
+    pa.field('message', pa.string(), nullable=False),
+    pa.field('model', pa.string()),
+])
+
+INDEX_IDS_SCHEMA = pa.schema([
+    pa.field('key', pa.string(), nullable=False),
+    pa.field('uri', pa.string(), nullable=False),
+])
+
+
+def embeddings_table(embeddings, dim):
+  """A list of schemas.records.Embedding -> one Arrow table of the embeddings schema."""
+  vectors = np.stack([e.vector for e in embeddings]).astype(np.float32, copy=False)
+  images = [e.image for e in embeddings]
+  flat = pa.array(vectors.reshape(-1), type=pa.float32())
+  columns = {
+      'key': pa.array([i.key for i in images], pa.string()),
+      'uri': pa.array([i.uri for i in images], pa.string()),
+      'model': pa.array([e.model for e in embeddings], pa.string()),
+      'embedding': pa.FixedSizeListArray.from_arrays(flat, dim),
+      'width': pa.array([i.width for i in images], pa.int32()),
+      'height': pa.array([i.height for i in images], pa.int32()),
+      'sha256': pa.array([i.sha256 for i in images], pa.string()),
+      'label': pa.array([i.label for i in images], pa.string()),
+      'metadata': pa.array([i.metadata for i in images], pa.string()),
+  }
+  schema = embeddings_schema(dim)
+  return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def failures_table(failures):
+  """A list of schemas.records.FailureRecord -> one Arrow table of the failures schema."""
+  return pa.Table.from_pylist([f._asdict() for f in failures], schema=FAILURES_SCHEMA)
+
+
+def read_json(path):
+  with FileSystems.open(path) as f:
+    return json.loads(f.read().decode('utf-8'))
+
+
+def write_bytes_atomically(path, data, mime_type='application/octet-stream'):
+  """Writes to a temporary name beside the target, then renames: a reader never sees a
+  half-written file."""
+  temporary = path + '.tmp-writing'
+  with FileSystems.create(temporary, mime_type=mime_type) as f:
+    f.write(data)
+  if FileSystems.exists(path):
+    FileSystems.delete([path])
+  FileSystems.rename([temporary], [path])
+
+
+def write_json(path, value):
+  """Writes JSON atomically through Beam's filesystems (local, gs://, ...)."""
+  write_bytes_atomically(path, json.dumps(value, indent=2, sort_keys=True).encode('utf-8'),
+                         mime_type='application/json')
+
+
+def write_parquet(path, table):
+  sink = pa.BufferOutputStream()
+  pq.write_table(table, sink)
+  write_bytes_atomically(path, sink.getvalue().to_pybytes())
+
+
+def read_parquet(paths, columns=None):
+  """Reads Parquet files through Beam's filesystems into one Arrow table."""
+  tables = []
+  for path in paths:
+    with FileSystems.open(path) as f:
+      tables.append(pq.read_table(f, columns=columns))
+  return pa.concat_tables(tables) if tables else None
+
+
+def matching_paths(pattern):
+  """Sorted paths matching a glob on any Beam filesystem ([] when none)."""
+  result = FileSystems.match([pattern])[0]
+  return sorted(m.path for m in result.metadata_list)

@@ -1,0 +1,57 @@
+"""Typed records that flow between the pipeline's stages."""
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+# Failure stages, in the order an image passes through them.
+STAGE_READ = 'read'
+STAGE_DECODE = 'decode'
+STAGE_EMBED = 'embed'
+
+# Tag of the side output that carries FailureRecords out of a stage.
+FAILURES_TAG = 'failures'
+
+
+class ImageRecord(NamedTuple):
+  """One encoded image as read from its source, before any decoding."""
+  key: str
+  uri: str
+  data: bytes
+  label: Optional[str] = None
+  metadata: Optional[str] = None  # JSON text of whatever else the source carries
+
+
+class DecodedImage(NamedTuple):
+  """One image decoded once and resized to every input size the models need."""
+  key: str
+  uri: str
+  width: int  # of the original image, after EXIF orientation
+  height: int
+  sha256: str  # of the encoded bytes
+  pixels: dict  # (height, width) -> uint8 array of shape (height, width, 3)
+  label: Optional[str] = None
+  metadata: Optional[str] = None
+
+
+class Embedding(NamedTuple):
+  """One image's feature vector from one model."""
+  image: DecodedImage
+  model: str
+  vector: np.ndarray  # float32, shape (dim,)
+
+
+class FailureRecord(NamedTuple):
+  """Why an input did not become an embedding; written, never dropped."""
+  key: str
+  uri: str
+  stage: str
+  error: str  # exception type name
+  message: str
+  model: Optional[str] = None  # set only when one model failed (stage embed)
+
+  @classmethod
+  def from_exception(cls, key, uri, stage, exc, model=None):
+    message = str(exc) or repr(exc)
+    return cls(key=key, uri=uri, stage=stage, error=type(exc).__name__,
+               message=message[:2000], model=model)

@@ -1,0 +1,123 @@
+"""Small test models with the seed models' real architectures and interfaces, random weights.
+
+TF Hub cannot be reached here, so the tests build what it would serve: a TF2 SavedModel
+(callable, mobilenet_v3_small_100_224's 1024-d features), a TF1 Hub-format module
+(empty tag set, `image_feature_vector` signature; mobilenet_v1_050_160's 512-d
+features) and a TFLite model (mobilenet_v2_130_224's 1664-d features).
+"""
+
+import os
+
+import numpy as np
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import keras  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=wrong-import-position
+
+
+def calibration_images(count=8, size=224, seed=0):
+  """Smooth random colour fields: varied enough to give BatchNorm healthy statistics."""
+  rng = np.random.default_rng(seed)
+  low = rng.random((count, 7, 7, 3)).astype(np.float32)
+  return tf.image.resize(low, (size, size), method='bicubic').numpy().clip(0, 1)
+
+
+def calibrate_batchnorm(model, images):
+  """Random-weight Keras MobileNets give near-zero, all-alike embeddings; one forward pass
+  in training mode with momentum 0 sets BatchNorm statistics from real activations."""
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.momentum = 0.0
+  model(images, training=True)
+  return model
+
+
+class _Features(tf.Module):
+  """Hub-style callable: float32 RGB in [0, 1], NHWC -> [batch, features]."""
+
+  def __init__(self, model, size):
+    super().__init__()
+    self.model = model
+    self.__call__ = tf.function(
+        lambda images: model(images * 2.0 - 1.0, training=False),
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+
+def v3_small_features():
+  base = keras.applications.MobileNetV3Small(
+      input_shape=(224, 224, 3), weights=None, include_top=True, classes=1001,
+      include_preprocessing=False)
+  # The hub feature vector is the 1024-d output of the head's conv_2 (after hard-swish).
+  head = base.get_layer('conv_2')
+  after_head = base.layers[base.layers.index(head) + 1]
+  model = keras.Model(base.input, keras.layers.Flatten()(after_head.output))
+  return calibrate_batchnorm(model, calibration_images(size=224) * 2 - 1)
+
+
+def v1_050_160_features():
+  model = keras.applications.MobileNet(input_shape=(160, 160, 3), alpha=0.5, weights=None,
+                                       include_top=False, pooling='avg')
+  return calibrate_batchnorm(model, calibration_images(size=160) * 2 - 1)
+
+
+def v2_130_224_features():
+  model = keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=1.3,
+                                         weights=None, include_top=False, pooling='avg')
+  return calibrate_batchnorm(model, calibration_images(size=224) * 2 - 1)
+
+
+def save_tf2(model, size, path):
+  tf.saved_model.save(_Features(model, size), path)
+  return path
+
+
+def save_tf1_hub(model, size, path):
+  """A TF1 Hub-format SavedModel: one MetaGraph with an empty tag set whose
+  `image_feature_vector` (and `default`) signature maps `images` to `default`."""
+  from tensorflow.python.framework.convert_to_constants import (  # pylint: disable=import-outside-toplevel
+      convert_variables_to_constants_v2)
+  function = tf.function(lambda images: model(images * 2.0 - 1.0, training=False))
+  concrete = function.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.float32))
+  frozen = convert_variables_to_constants_v2(concrete)
+  graph_def = frozen.graph.as_graph_def()
+  input_name = frozen.inputs[0].name
+  output_name = frozen.outputs[0].name
+  with tf.Graph().as_default() as graph:
+    images = tf.compat.v1.placeholder(tf.float32, [None, size, size, 3], name='images')
+    features, = tf.compat.v1.import_graph_def(
+        graph_def, input_map={input_name: images}, return_elements=[output_name],
+        name='module')
+    with tf.compat.v1.Session(graph=graph) as session:
+      signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
+          inputs={'images': images}, outputs={'default': features})
+      builder = tf.compat.v1.saved_model.Builder(path)
+      builder.add_meta_graph_and_variables(
+          session, tags=[], signature_def_map={'image_feature_vector': signature,
+                                               'default': signature})
+      builder.save()
+  return path
+
+
+def save_tflite(model, size, path):
+  """A float TFLite model taking [0, 1] input, with a free batch dimension."""
+  inputs = keras.Input((size, size, 3))
+  wrapped = keras.Model(inputs, model(keras.layers.Rescaling(2.0, offset=-1.0)(inputs)))
+  with open(path, 'wb') as f:
+    f.write(tf.lite.TFLiteConverter.from_keras_model(wrapped).convert())
+  return path
+
+
+def build_all(directory):
+  """Builds the three test models under `directory`; returns {name: handle}."""
+  os.makedirs(directory, exist_ok=True)
+  return {
+      'v3_tf2': save_tf2(v3_small_features(), 224, os.path.join(directory, 'v3_tf2')),
+      'v1_tf1': save_tf1_hub(v1_050_160_features(), 160, os.path.join(directory, 'v1_tf1')),
+      'v2_tflite': save_tflite(v2_130_224_features(), 224,
+                               os.path.join(directory, 'v2.tflite')),
+  }
+
+
+if __name__ == '__main__':
+  import sys
+  print(build_all(sys.argv[1]))

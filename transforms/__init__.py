@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each: read, decode, embed, write, index."""

@@ -1,0 +1,128 @@
+"""Decode stage: encoded bytes -> RGB uint8 pixels at every model input size, decoded once."""
+
+import hashlib
+import io
+import warnings
+
+import apache_beam as beam
+import numpy as np
+from PIL import Image, ImageOps
+
+from schemas.records import FAILURES_TAG, STAGE_DECODE, DecodedImage, FailureRecord, ImageRecord
+from transforms.failures import route_failures
+
+# An image declaring more pixels than this is refused before its pixels are decoded:
+# a small file can declare enormous dimensions (a "decompression bomb").
+MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own bomb threshold (2 x Image.MAX_IMAGE_PIXELS)
+# JPEG draft (DCT-domain downscaling) keeps at least this multiple of the target size,
+# so the final antialiased resize still has enough pixels to be accurate.
+DRAFT_MARGIN = 2
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+
+# Recorded in the manifest, so a query embeds its images exactly as the run did.
+PREPROCESSING = {
+    'decoder': 'Pillow',
+    'exif_orientation': 'applied',
+    'color': 'converted to RGB; alpha composited onto white; 16-bit scaled to 8-bit',
+    'jpeg_draft': 'DCT downscaling to at least %dx the input size' % DRAFT_MARGIN,
+    'resize': 'whole image to the model input size (aspect ratio not kept), '
+              'Pillow BILINEAR with antialiasing',
+    'transport': 'uint8 RGB, scaled to float32 [0, 1] inside the model call',
+}
+
+
+class ImageDecodeError(ValueError):
+  """An input that is not an image this pipeline can decode."""
+
+
+def _to_rgb(image):
+  """Any Pillow mode -> RGB, without clipping 16-bit data or keeping random colours
+  under transparent pixels."""
+  if image.mode == 'RGB':
+    return image
+  if image.mode == 'P' and 'transparency' in image.info:
+    image = image.convert('RGBA')
+  if image.mode in _ALPHA_MODES:
+    image = image.convert('RGBA')
+    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert('RGB')
+  if image.mode.startswith('I') or image.mode == 'F':
+    values = np.asarray(image, dtype=np.float64)
+    # 16-bit data (mode I;16, or I holding 16-bit PNG samples) is scaled, not clipped.
+    if image.mode.startswith('I;16') or values.max(initial=0) > 255:
+      values = values / 257.0
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode='L').convert('RGB')
+  return image.convert('RGB')
+
+
+def _orientation(image):
+  try:
+    return int(image.getexif().get(0x0112, 1))
+  except Exception:  # pylint: disable=broad-except
+    return 1  # unreadable EXIF: the pixels are still good
+
+
+def decode_image(data, sizes):
+  """Encoded image bytes -> (width, height, {(h, w): uint8 array (h, w, 3)}).
+
+  width and height are the original image's, after EXIF orientation. Raises
+  ImageDecodeError (or Pillow's own error) for anything that is not a decodable image.
+  """
+  if not data:
+    raise ImageDecodeError('empty file (0 bytes)')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(data))
+  except Image.UnidentifiedImageError as e:
+    raise ImageDecodeError('unsupported or unrecognized image format') from e
+  width, height = image.size
+  if width * height > MAX_IMAGE_PIXELS:
+    raise ImageDecodeError('image declares %dx%d pixels, more than the limit of %d '
+                           '(possible decompression bomb)' % (width, height, MAX_IMAGE_PIXELS))
+  orientation = _orientation(image)
+  if orientation in _ROTATING_ORIENTATIONS:
+    width, height = height, width
+  if image.format == 'JPEG':
+    largest = max(max(size) for size in sizes)
+    image.draft(None, (largest * DRAFT_MARGIN, largest * DRAFT_MARGIN))
+  image.load()  # animated formats: the first frame
+  if orientation != 1:
+    image = ImageOps.exif_transpose(image)
+  image = _to_rgb(image)
+  pixels = {}
+  for size in sizes:
+    target_height, target_width = size
+    resized = image if image.size == (target_width, target_height) else image.resize(
+        (target_width, target_height), Image.BILINEAR)
+    pixels[size] = np.asarray(resized, dtype=np.uint8)
+  return width, height, pixels
+
+
+def decode_record(record: ImageRecord, sizes):
+  """ImageRecord -> DecodedImage, or a FailureRecord (stage decode) saying why not."""
+  try:
+    width, height, pixels = decode_image(record.data, sizes)
+  except Exception as e:  # pylint: disable=broad-except
+    return FailureRecord.from_exception(record.key, record.uri, STAGE_DECODE, e)
+  return DecodedImage(key=record.key, uri=record.uri, width=width, height=height,
+                      sha256=hashlib.sha256(record.data).hexdigest(), pixels=pixels,
+                      label=record.label, metadata=record.metadata)
+
+
+class DecodeImages(beam.PTransform):
+  """ImageRecords -> DecodedImages at the given (height, width) sizes, with tagged
+  output 'failures'."""
+
+  def __init__(self, sizes):
+    super().__init__()
+    self._sizes = tuple(sorted(set(tuple(s) for s in sizes)))
+
+  def expand(self, images):
+    sizes = self._sizes
+
+    return images | 'Decode' >> beam.FlatMap(
+        lambda record: route_failures([decode_record(record, sizes)])).with_outputs(
+            FAILURES_TAG, main='decoded')

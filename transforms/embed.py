@@ -1,0 +1,95 @@
+"""Embed stage: DecodedImages -> Embeddings through Beam's RunInference, one model per worker."""
+
+import logging
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from schemas.records import STAGE_EMBED, DecodedImage, Embedding, FailureRecord
+from transforms.models import ModelSpec, load_embedder
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def configure_tensorflow_threads(intra_op_threads):
+  """Sizes TensorFlow's thread pools to this worker's share of the cores.
+
+  Only possible before TensorFlow first runs in this process; after that (for example
+  in-process after the launcher probed the models) the existing pools are kept.
+  """
+  if not intra_op_threads:
+    return
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)
+  except RuntimeError:
+    logging.info('TensorFlow already initialized; keeping its thread pools')
+
+
+def embed_batch(images, embedder, model_name):
+  """A list of DecodedImage -> a list of Embedding, through one model call.
+
+  The pixels are dropped from the outputs: downstream stages need only the metadata.
+  """
+  size = tuple(embedder.input_size)
+  vectors = embedder(np.stack([image.pixels[size] for image in images]))
+  return [Embedding(image=image._replace(pixels=None), model=model_name, vector=vector)
+          for image, vector in zip(images, vectors)]
+
+
+class EmbeddingModelHandler(ModelHandler[DecodedImage, Embedding, object]):
+  """Beam ModelHandler for every format transforms.models loads."""
+
+  def __init__(self, spec: ModelSpec, batch_size=DEFAULT_BATCH_SIZE, intra_op_threads=None):
+    super().__init__()
+    self._spec = spec
+    self._batch_size = batch_size
+    self._intra_op_threads = intra_op_threads
+
+  def load_model(self):
+    configure_tensorflow_threads(self._intra_op_threads)
+    return load_embedder(self._spec, num_threads=self._intra_op_threads)
+
+  def run_inference(self, batch, model, inference_args=None):
+    return embed_batch(batch, model, self._spec.name)
+
+  def get_num_bytes(self, batch):
+    # The default pickles the whole batch just to measure it.
+    return sum(pixels.nbytes for image in batch for pixels in image.pixels.values())
+
+  def get_metrics_namespace(self):
+    return 'embed_' + self._spec.name
+
+  def batch_elements_kwargs(self):
+    return {'min_batch_size': self._batch_size, 'max_batch_size': self._batch_size}
+
+
+def failures_of_batch(failed, model_name):
+  """RunInference's dead letter (batch, exception info) -> one FailureRecord per image."""
+  batch, error = failed
+  if isinstance(error, tuple):  # (type, repr, traceback) from Beam's exception handling
+    error_name = getattr(error[0], '__name__', str(error[0]))
+    message = str(error[1])
+  else:
+    error_name, message = type(error).__name__, str(error)
+  return [FailureRecord(key=image.key, uri=image.uri, stage=STAGE_EMBED, error=error_name,
+                        message=message[:2000], model=model_name) for image in batch]
+
+
+class EmbedImages(beam.PTransform):
+  """DecodedImages -> Embeddings of one model, with tagged output 'failures'."""
+
+  def __init__(self, spec: ModelSpec, batch_size=DEFAULT_BATCH_SIZE, intra_op_threads=None):
+    super().__init__()
+    self._spec = spec
+    self._handler = EmbeddingModelHandler(spec, batch_size, intra_op_threads)
+
+  def expand(self, decoded):
+    name = self._spec.name
+    embeddings, dead_letters = (
+        decoded | 'RunInference' >> RunInference(self._handler).with_exception_handling())
+    failures = dead_letters.failed_inferences | 'FailureRecords' >> beam.FlatMap(
+        failures_of_batch, name)
+    return {'embeddings': embeddings, 'failures': failures}

@@ -1,0 +1,254 @@
+"""Loading embedding models of every supported format behind one call: uint8 pixels -> vectors."""
+
+import hashlib
+import logging
+import os
+import tarfile
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from apache_beam.io.filesystems import FileSystems
+
+FORMAT_TF2 = 'tf2_saved_model'
+FORMAT_TF1_HUB = 'tf1_hub_module'
+FORMAT_TFLITE = 'tflite'
+TF1_HUB_SIGNATURE = 'image_feature_vector'
+TF1_HUB_INPUT = 'images'
+TF1_HUB_OUTPUT = 'default'
+DEFAULT_INPUT_SIZE = (224, 224)
+HUB_DOWNLOAD_TIMEOUT_S = 30
+HUB_CACHE_ENV = 'TFHUB_CACHE_DIR'  # the variable tensorflow_hub users already set
+
+
+class ModelUnavailableError(RuntimeError):
+  """A model handle that cannot be downloaded, found or loaded; the message says what to do."""
+
+
+class ModelSpec(NamedTuple):
+  """What a worker needs to load one model; plain values, so it pickles anywhere."""
+  name: str
+  handle: str  # hub URL, local or remote SavedModel directory, or .tflite file
+  tensor: Optional[str] = None  # TFLite only: take features from this tensor
+  input_size: Optional[Tuple[int, int]] = None  # (height, width); None: from the model
+  dim: Optional[int] = None  # filled in by probing the model at launch
+  model_format: Optional[str] = None  # filled in by probing the model at launch
+
+
+def is_hub_url(handle):
+  return handle.startswith(('http://', 'https://'))
+
+
+def hub_cache_dir():
+  return os.environ.get(HUB_CACHE_ENV) or os.path.join(
+      os.path.expanduser('~'), '.cache', 'tfhub_modules')
+
+
+def hub_download_url(handle):
+  """TF Hub and Kaggle serve a handle's compressed SavedModel at this address."""
+  return handle.rstrip('/') + '?tf-hub-format=compressed'
+
+
+def resolve_hub_handle(handle, timeout=HUB_DOWNLOAD_TIMEOUT_S):
+  """A hub URL -> a local directory holding its SavedModel, downloading it once.
+
+  Fails fast with ModelUnavailableError, whose message says how to use a local copy.
+  """
+  target = os.path.join(hub_cache_dir(), hashlib.sha1(handle.encode()).hexdigest())
+  if os.path.exists(os.path.join(target, 'saved_model.pb')):
+    return target
+  url = hub_download_url(handle)
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+      os.makedirs(hub_cache_dir(), exist_ok=True)
+      staging = tempfile.mkdtemp(dir=hub_cache_dir(), prefix='.download-')
+      with tarfile.open(fileobj=response, mode='r|gz') as archive:
+        archive.extractall(staging, filter='data')
+  except (OSError, urllib.error.URLError, tarfile.TarError) as e:
+    raise ModelUnavailableError(
+        'cannot download model %s (%s). If this machine cannot reach the hub, download '
+        '%s elsewhere, unpack it, and pass --model NAME=/path/to/unpacked_dir (a local '
+        'or gs:// SavedModel directory) instead.' % (handle, e, url)) from e
+  os.replace(staging, target)  # atomic: a half-finished download never looks cached
+  return target
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf
+
+
+def saved_model_format(directory):
+  """TF1 Hub modules hold a MetaGraph with an empty tag set; TF2 SavedModels do not."""
+  tf = _tf()
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+  path = directory.rstrip('/') + '/saved_model.pb'
+  if not tf.io.gfile.exists(path):
+    raise ModelUnavailableError(
+        'no SavedModel at %s (expected %s, or a .tflite file)' % (directory, path))
+  proto = saved_model_pb2.SavedModel.FromString(tf.io.gfile.GFile(path, 'rb').read())
+  for meta_graph in proto.meta_graphs:
+    if not meta_graph.meta_info_def.tags and TF1_HUB_SIGNATURE in meta_graph.signature_def:
+      return FORMAT_TF1_HUB
+  return FORMAT_TF2
+
+
+def _fixed_size(shape):
+  """(height, width) of an NHWC shape when both are fixed, else None."""
+  dims = list(shape)
+  if len(dims) == 4 and dims[1] and dims[2] and dims[1] > 0 and dims[2] > 0:
+    return int(dims[1]), int(dims[2])
+  return None
+
+
+class TensorFlowEmbedder:
+  """A SavedModel (TF2 callable or TF1 Hub signature) behind a traced uint8 -> float32 call."""
+
+  def __init__(self, directory, model_format, input_size):
+    tf = _tf()
+    self.model_format = model_format
+    if model_format == FORMAT_TF1_HUB:
+      self._loaded = tf.saved_model.load(directory, tags=[])
+      signature = self._loaded.signatures[TF1_HUB_SIGNATURE]
+      declared = signature.structured_input_signature[1][TF1_HUB_INPUT].shape
+      call = lambda images: signature(**{TF1_HUB_INPUT: images})[TF1_HUB_OUTPUT]
+    else:
+      self._loaded = tf.saved_model.load(directory)
+      if callable(self._loaded):
+        declared = _declared_call_shape(self._loaded)
+        call = self._loaded
+      else:
+        signature = self._loaded.signatures['serving_default']
+        inputs = signature.structured_input_signature[1]
+        input_name = next(iter(inputs))
+        declared = inputs[input_name].shape
+        call = lambda images: next(iter(signature(**{input_name: images}).values()))
+    self.input_size = tuple(input_size or _fixed_size(declared) or DEFAULT_INPUT_SIZE)
+    height, width = self.input_size
+
+    # One trace for every batch size: the batch dimension is left free.
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8)])
+    def embed(pixels):
+      features = call(tf.cast(pixels, tf.float32) / 255.0)
+      return tf.reshape(features, [tf.shape(features)[0], -1])
+
+    self._embed = embed
+
+  def __call__(self, pixels):
+    return self._embed(pixels).numpy().astype(np.float32, copy=False)
+
+
+def _declared_call_shape(loaded):
+  functions = getattr(loaded.__call__, 'concrete_functions', None) or []
+  for function in functions:
+    args = function.structured_input_signature[0]
+    if args and hasattr(args[0], 'shape'):
+      return args[0].shape
+  return None
+
+
+class TFLiteEmbedder:
+  """A .tflite model on the LiteRT interpreter, with its own input quantization and a
+  dequantized float32 output (the model output, or the named intermediate tensor)."""
+
+  model_format = FORMAT_TFLITE
+
+  def __init__(self, model_bytes, tensor=None, num_threads=None):
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+    with warnings.catch_warnings():
+      # Keeping intermediate tensors readable is the point when a tensor is named.
+      warnings.simplefilter('ignore', UserWarning)
+      self._interpreter = Interpreter(
+          model_content=model_bytes, num_threads=num_threads,
+          experimental_preserve_all_tensors=tensor is not None)
+    self._lock = threading.Lock()  # one interpreter, and Beam may call from several threads
+    self._input = self._interpreter.get_input_details()[0]
+    if tensor is None:
+      self._output = self._interpreter.get_output_details()[0]
+    else:
+      matches = [t for t in self._interpreter.get_tensor_details() if t['name'] == tensor]
+      if not matches:
+        raise ModelUnavailableError('the TFLite model has no tensor named %r' % tensor)
+      self._output = matches[0]
+    self._dynamic_batch = self._input['shape_signature'][0] == -1
+    self._batch = int(self._input['shape'][0])
+    self.input_size = (int(self._input['shape'][1]), int(self._input['shape'][2]))
+    self._interpreter.allocate_tensors()
+
+  def _quantize(self, pixels):
+    """uint8 pixels -> the input tensor's type. A quantized input is taken to span the
+    pixel range (as the Coral/TF-Slim MobileNets do), a float input gets [0, 1]."""
+    dtype = self._input['dtype']
+    if dtype == np.uint8:
+      return pixels
+    if dtype == np.int8:
+      return (pixels.astype(np.int16) - 128).astype(np.int8)
+    return pixels.astype(dtype) / dtype(255.0)
+
+  def _dequantize(self, values):
+    scale, zero_point = self._output['quantization']
+    if scale:
+      return (values.astype(np.float32) - zero_point) * np.float32(scale)
+    return values.astype(np.float32)
+
+  def _run(self, batch):
+    interpreter = self._interpreter
+    if self._dynamic_batch and batch.shape[0] != self._batch:
+      interpreter.resize_tensor_input(self._input['index'], batch.shape)
+      interpreter.allocate_tensors()
+      self._batch = batch.shape[0]
+    interpreter.set_tensor(self._input['index'], batch)
+    interpreter.invoke()
+    values = interpreter.get_tensor(self._output['index'])
+    return self._dequantize(values).reshape(batch.shape[0], -1)
+
+  def __call__(self, pixels):
+    batch = self._quantize(np.asarray(pixels))
+    with self._lock:
+      if self._dynamic_batch:
+        return self._run(batch)
+      # Fixed batch-1 models (most quantized ones) run one image at a time.
+      return np.concatenate([self._run(batch[i:i + 1]) for i in range(len(batch))])
+
+
+def _read_bytes(path):
+  with FileSystems.open(path) as f:
+    return f.read()
+
+
+def load_embedder(spec: ModelSpec, num_threads=None):
+  """ModelSpec -> a callable uint8 [N, H, W, 3] -> float32 [N, D], with .input_size and
+  .model_format. Raises ModelUnavailableError with a readable message."""
+  handle = spec.handle
+  try:
+    if handle.lower().endswith('.tflite'):
+      if not FileSystems.exists(handle):
+        raise ModelUnavailableError('no TFLite model at %s' % handle)
+      return TFLiteEmbedder(_read_bytes(handle), spec.tensor, num_threads)
+    if spec.tensor:
+      raise ModelUnavailableError(
+          '#%s: a feature tensor can only be named for a .tflite model' % spec.tensor)
+    directory = resolve_hub_handle(handle) if is_hub_url(handle) else handle
+    model_format = saved_model_format(directory)
+    return TensorFlowEmbedder(directory, model_format, spec.input_size)
+  except ModelUnavailableError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ModelUnavailableError('cannot load model %s from %s: %s: %s'
+                                % (spec.name, handle, type(e).__name__, e)) from e
+
+
+def probe_model(spec: ModelSpec):
+  """Loads the model once and returns the spec completed with its input size, output
+  dimension and format: the launcher does this before any work, so a bad handle stops
+  the job at once and the output schema knows its dimension."""
+  embedder = load_embedder(spec)
+  height, width = embedder.input_size
+  vectors = embedder(np.zeros((1, height, width, 3), np.uint8))
+  return spec._replace(input_size=(height, width), dim=int(vectors.shape[1]),
+                       model_format=embedder.model_format)

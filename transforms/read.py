@@ -1,0 +1,267 @@
+"""Read stage: input patterns -> ImageRecords (files, TFRecord shards, WebDataset tars)."""
+
+import io
+import json
+import os
+import posixpath
+import re
+import struct
+import tarfile
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+
+from schemas.records import FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord
+from transforms.failures import route_failures
+
+INPUT_FORMATS = ('auto', 'files', 'tfrecord', 'webdataset')
+TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrec', '.tfrecord.gz', '.tfrecords.gz')
+WEBDATASET_SUFFIXES = ('.tar',)
+WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
+
+_GLOB_CHARS = re.compile(r'[*?\[{]')
+
+
+def normalize_pattern(pattern):
+  """Makes local patterns absolute, so keys and URIs do not depend on a worker's cwd."""
+  if '://' in pattern:
+    return pattern
+  return os.path.abspath(os.path.expanduser(pattern))
+
+
+def common_root(patterns):
+  """The longest common directory of the patterns' literal (non-glob) prefixes.
+
+  Keys are paths relative to it, so the same files give the same keys wherever the
+  job runs.
+  """
+  directories = []
+  for pattern in patterns:
+    glob_at = _GLOB_CHARS.search(pattern)
+    literal = pattern[:glob_at.start()] if glob_at else pattern
+    directories.append(literal if literal.endswith('/') and glob_at else
+                       posixpath.dirname(literal) + '/')
+  root = posixpath.commonprefix(directories)
+  return root[:root.rfind('/') + 1]
+
+
+def relative_key(path, root):
+  if root and path.startswith(root):
+    return path[len(root):]
+  return path.lstrip('/')
+
+
+def format_of(path, input_format):
+  """Resolves --input_format auto by file name."""
+  if input_format != 'auto':
+    return input_format
+  lower = path.lower()
+  if lower.endswith(TFRECORD_SUFFIXES):
+    return 'tfrecord'
+  if lower.endswith(WEBDATASET_SUFFIXES):
+    return 'webdataset'
+  return 'files'
+
+
+def folder_label(key):
+  """A file's label is its folder's name, as in the common one-folder-per-class layout."""
+  folder = posixpath.dirname(key)
+  return posixpath.basename(folder) if folder else None
+
+
+def read_image_file(path, root):
+  """One image file -> ImageRecord; any failure -> FailureRecord (stage read)."""
+  key = relative_key(path, root)
+  try:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      data = f.read()
+  except Exception as e:  # pylint: disable=broad-except
+    return FailureRecord.from_exception(key, path, STAGE_READ, e)
+  return ImageRecord(key=key, uri=path, data=data, label=folder_label(key))
+
+
+def _iter_tfrecord_payloads(handle):
+  """Yields (payload or ValueError) per record; stops after a corrupt length field.
+
+  A corrupt payload is reported and skipped, since its length was intact and the next
+  record can still be found; a corrupt length means nothing after it can be trusted.
+  """
+  while True:
+    header = handle.read(12)
+    if not header:
+      return
+    if len(header) != 12:
+      yield ValueError('truncated record header (%d of 12 bytes)' % len(header))
+      return
+    length, length_crc = struct.unpack('<QI', header)
+    if _TFRecordUtil._masked_crc32c(header[:8]) != length_crc:  # pylint: disable=protected-access
+      yield ValueError('corrupt record length; the rest of the shard is unreadable')
+      return
+    body = handle.read(length + 4)
+    if len(body) != length + 4:
+      yield ValueError('truncated record (%d of %d bytes)' % (len(body), length + 4))
+      return
+    payload, payload_crc = body[:length], struct.unpack('<I', body[length:])[0]
+    if _TFRecordUtil._masked_crc32c(payload) != payload_crc:  # pylint: disable=protected-access
+      yield ValueError('corrupt record data (checksum mismatch)')
+      continue
+    yield payload
+
+
+def _feature_value(feature):
+  kind = feature.WhichOneof('kind')
+  values = list(getattr(feature, kind).value) if kind else []
+  if not values:
+    return None
+  value = values[0]
+  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else value
+
+
+def parse_tf_example(payload):
+  """A serialized tf.train.Example -> (encoded image, label, metadata dict)."""
+  # Imported here: TensorFlow's protos are only needed for TFRecord inputs.
+  from tensorflow.core.example import example_pb2  # pylint: disable=import-outside-toplevel
+  example = example_pb2.Example.FromString(payload)
+  features = example.features.feature
+  if 'image/encoded' not in features:
+    raise ValueError('tf.train.Example has no image/encoded feature')
+  encoded = features['image/encoded'].bytes_list.value
+  if not encoded:
+    raise ValueError('image/encoded is empty')
+  metadata = {}
+  for name in ('image/filename', 'image/class/text'):
+    if name in features:
+      metadata[name] = _feature_value(features[name])
+  label = None
+  if 'image/class/label' in features:
+    value = _feature_value(features['image/class/label'])
+    label = None if value is None else str(value)
+  return encoded[0], label, metadata
+
+
+def read_tfrecord_shard(path, root):
+  """Yields an ImageRecord or a FailureRecord for every record of a TFRecord shard."""
+  shard_key = relative_key(path, root)
+  index = 0
+  try:
+    with FileSystems.open(path) as handle:  # AUTO compression: .gz shards work too
+      for payload in _iter_tfrecord_payloads(handle):
+        key, uri = '%s#%d' % (shard_key, index), '%s#%d' % (path, index)
+        index += 1
+        if isinstance(payload, Exception):
+          yield FailureRecord.from_exception(key, uri, STAGE_READ, payload)
+          continue
+        try:
+          data, label, metadata = parse_tf_example(payload)
+        except Exception as e:  # pylint: disable=broad-except
+          yield FailureRecord.from_exception(key, uri, STAGE_READ, e)
+          continue
+        yield ImageRecord(key=key, uri=uri, data=data, label=label,
+                          metadata=json.dumps(metadata, sort_keys=True) if metadata else None)
+  except Exception as e:  # pylint: disable=broad-except
+    yield FailureRecord.from_exception('%s#%d' % (shard_key, index),
+                                       '%s#%d' % (path, index), STAGE_READ, e)
+
+
+def _webdataset_sample(shard_path, key, members):
+  """Members of one WebDataset sample ({extension: bytes}) -> ImageRecord or FailureRecord."""
+  uri = '%s#%s' % (shard_path, key)
+  image_ext = next((e for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
+  if image_ext is None:
+    return FailureRecord(key=key, uri=uri, stage=STAGE_READ, error='MissingImage',
+                         message='sample has no image member (found: %s)'
+                         % ', '.join(sorted(members)))
+  metadata = {}
+  if 'json' in members:
+    try:
+      metadata.update(json.loads(members['json'].decode('utf-8')))
+    except ValueError:
+      metadata['json'] = members['json'].decode('utf-8', 'replace')
+  if 'txt' in members:
+    metadata['caption'] = members['txt'].decode('utf-8', 'replace')
+  label = members['cls'].decode('utf-8', 'replace').strip() if 'cls' in members else None
+  return ImageRecord(key=key, uri=uri + '.' + image_ext, data=members[image_ext],
+                     label=label,
+                     metadata=json.dumps(metadata, sort_keys=True, default=str)
+                     if metadata else None)
+
+
+def split_member_name(name):
+  """'dir/000123.jpg' -> ('dir/000123', 'jpg'), the WebDataset convention: the key ends
+  at the first dot of the file name."""
+  directory, base = posixpath.split(name)
+  stem, _, extension = base.partition('.')
+  return posixpath.join(directory, stem), extension.lower()
+
+
+def read_webdataset_shard(path, root):
+  """Yields an ImageRecord or FailureRecord for every sample of a WebDataset tar shard."""
+  key, members = None, {}
+  try:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+      # Streaming mode: members are read in order, never seeking back.
+      with tarfile.open(fileobj=handle, mode='r|') as tar:
+        for member in tar:
+          if not member.isfile():
+            continue
+          member_key, extension = split_member_name(member.name)
+          if member_key != key and key is not None:
+            yield _webdataset_sample(path, key, members)
+            members = {}
+          key = member_key
+          members[extension] = tar.extractfile(member).read()
+    if key is not None:
+      yield _webdataset_sample(path, key, members)
+  except Exception as e:  # pylint: disable=broad-except
+    # WebDataset samples carry their own keys; the shard's path names a failure before
+    # the first one.
+    failed_key = key if key is not None else relative_key(path, root) + '#shard'
+    yield FailureRecord.from_exception(failed_key, '%s#%s' % (path, failed_key),
+                                       STAGE_READ, e)
+
+
+_READERS = {
+    'files': lambda path, root: iter([read_image_file(path, root)]),
+    'tfrecord': read_tfrecord_shard,
+    'webdataset': read_webdataset_shard,
+}
+
+
+def read_path(path, root, input_format):
+  """Every ImageRecord or FailureRecord of one matched input file."""
+  return _READERS[format_of(path, input_format)](path, root)
+
+
+class _ReadDoFn(beam.DoFn):
+
+  def __init__(self, root, input_format):
+    self._root = root
+    self._input_format = input_format
+
+  def process(self, path):
+    return route_failures(read_path(path, self._root, self._input_format))
+
+
+class ReadImages(beam.PTransform):
+  """Input patterns -> PCollection of ImageRecord, with tagged output 'failures'."""
+
+  def __init__(self, patterns, input_format='auto', root=None):
+    super().__init__()
+    self._patterns = list(patterns)
+    self._input_format = input_format
+    self._root = common_root(self._patterns) if root is None else root
+
+  def expand(self, pbegin):
+    return (
+        pbegin
+        | 'Patterns' >> beam.Create(self._patterns)
+        | 'Match' >> fileio.MatchAll()
+        | 'Paths' >> beam.Map(lambda metadata: metadata.path)
+        # Distinct drops files matched by two patterns and spreads the paths across
+        # workers before the (I/O-bound) reads.
+        | 'Distinct' >> beam.Distinct()
+        | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format))
+        .with_outputs(FAILURES_TAG, main='images'))

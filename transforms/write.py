@@ -1,0 +1,46 @@
+"""Write stage: Embeddings and FailureRecords -> sharded Parquet files under OUT/."""
+
+import apache_beam as beam
+from apache_beam.io.parquetio import WriteToParquetBatched
+
+from schemas import outputs
+
+# Rows per Arrow table handed to the Parquet sink; each becomes one row group.
+ROWS_PER_ROW_GROUP = 2048
+
+
+def _write_batched(rows, prefix, schema, to_table):
+  return (
+      rows
+      | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=ROWS_PER_ROW_GROUP)
+      | 'ToArrow' >> beam.Map(to_table)
+      | 'Parquet' >> WriteToParquetBatched(
+          prefix, schema=schema, file_name_suffix=outputs.PARQUET_SUFFIX,
+          shard_name_template=outputs.PART_SHARD_TEMPLATE, codec='snappy'))
+
+
+class WriteEmbeddings(beam.PTransform):
+  """Embeddings of one model -> OUT/<model>/embeddings/part-*.parquet; outputs the
+  written file paths once they are final."""
+
+  def __init__(self, out_dir, model_name, dim):
+    super().__init__()
+    self._prefix = outputs.embeddings_prefix(out_dir, model_name)
+    self._dim = dim
+
+  def expand(self, embeddings):
+    dim = self._dim
+    return _write_batched(embeddings, self._prefix, outputs.embeddings_schema(dim),
+                          lambda batch: outputs.embeddings_table(batch, dim))
+
+
+class WriteFailures(beam.PTransform):
+  """FailureRecords -> OUT/failures/part-*.parquet; outputs the written file paths."""
+
+  def __init__(self, out_dir):
+    super().__init__()
+    self._prefix = outputs.failures_prefix(out_dir)
+
+  def expand(self, failures):
+    return _write_batched(failures, self._prefix, outputs.FAILURES_SCHEMA,
+                          outputs.failures_table)
