@@ -136,12 +136,12 @@ def write_parquet(path, table):
   write_bytes_atomically(path, sink.getvalue().to_pybytes())
 
 
-def read_parquet(paths, columns=None):
+def read_parquet(paths, columns=None, filters=None):
   """Reads Parquet files through Beam's filesystems into one Arrow table."""
   tables = []
   for path in paths:
     with FileSystems.open(path) as f:
-      tables.append(pq.read_table(f, columns=columns))
+      tables.append(pq.read_table(f, columns=columns, filters=filters))
   return pa.concat_tables(tables) if tables else None
 
 

@@ -120,3 +120,15 @@ class BuildIndex(beam.PTransform):
         | 'AllFiles' >> beam.combiners.ToList()
         | 'Build' >> beam.Map(lambda paths: build_model_index(out_dir, model_name,
                                                              sorted(paths))))
+
+
+def search(index, keys, uris, query_vectors, k):
+  """Normalized query vectors -> per query, a list of neighbour dicts (rank, key, uri,
+  score = cosine similarity, higher is closer)."""
+  k = min(k, index.ntotal)
+  if k < 1:
+    return [[] for _ in range(len(query_vectors))]
+  scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+  return [[{'rank': rank + 1, 'key': keys[i], 'uri': uris[i], 'score': float(score)}
+           for rank, (i, score) in enumerate(zip(row_ids, row_scores)) if i >= 0]
+          for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
