@@ -40,3 +40,14 @@ def write_photo_tree(root, count=12, classes=('cats', 'dogs', 'boats')):
     path.write_bytes(encode(photo(n, 320 + 16 * n, 240), image_format))
     paths.append(path)
   return paths
+
+
+def bomb_png(width, height):
+  """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  import zlib  # pylint: disable=import-outside-toplevel
+  data = bytearray(encode(Image.new('L', (1, 1)), 'PNG'))
+  # IHDR's payload starts at byte 16: width, height (big-endian), then 5 bytes; CRC after.
+  data[16:24] = struct.pack('>II', width, height)
+  data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])))
+  return bytes(data)

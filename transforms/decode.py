@@ -13,7 +13,7 @@ from transforms.failures import route_failures
 
 # An image declaring more pixels than this is refused before its pixels are decoded:
 # a small file can declare enormous dimensions (a "decompression bomb").
-MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own bomb threshold (2 x Image.MAX_IMAGE_PIXELS)
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's warning threshold, about 89 million
 # JPEG draft (DCT-domain downscaling) keeps at least this multiple of the target size,
 # so the final antialiased resize still has enough pixels to be accurate.
 DRAFT_MARGIN = 2
@@ -53,7 +53,7 @@ def _to_rgb(image):
     if image.mode.startswith('I;16') or values.max(initial=0) > 255:
       values = values / 257.0
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode='L').convert('RGB')
+    return Image.fromarray(gray).convert('RGB')
   return image.convert('RGB')
 
 
@@ -78,6 +78,8 @@ def decode_image(data, sizes):
       image = Image.open(io.BytesIO(data))
   except Image.UnidentifiedImageError as e:
     raise ImageDecodeError('unsupported or unrecognized image format') from e
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ImageDecodeError('%s (possible decompression bomb)' % e) from e
   width, height = image.size
   if width * height > MAX_IMAGE_PIXELS:
     raise ImageDecodeError('image declares %dx%d pixels, more than the limit of %d '

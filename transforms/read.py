@@ -197,13 +197,23 @@ def split_member_name(name):
   return posixpath.join(directory, stem), extension.lower()
 
 
+_TAR_BLOCK = 512
+
+
+def _tar_properly_ended(handle, offset):
+  """A tar ends with zero blocks; tarfile silently stops at a truncated or damaged
+  header instead of raising, so the end marker is checked here."""
+  handle.seek(offset)
+  end = handle.read(_TAR_BLOCK)
+  return len(end) == _TAR_BLOCK and not end.strip(b'\0')
+
+
 def read_webdataset_shard(path, root):
   """Yields an ImageRecord or FailureRecord for every sample of a WebDataset tar shard."""
-  key, members = None, {}
+  key, members, last_member = None, {}, None
   try:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-      # Streaming mode: members are read in order, never seeking back.
-      with tarfile.open(fileobj=handle, mode='r|') as tar:
+      with tarfile.open(fileobj=handle, mode='r:') as tar:
         for member in tar:
           if not member.isfile():
             continue
@@ -213,14 +223,23 @@ def read_webdataset_shard(path, root):
             members = {}
           key = member_key
           members[extension] = tar.extractfile(member).read()
-    if key is not None:
-      yield _webdataset_sample(path, key, members)
+          last_member = member.name
+        ended = _tar_properly_ended(handle, tar.offset)
   except Exception as e:  # pylint: disable=broad-except
-    # WebDataset samples carry their own keys; the shard's path names a failure before
-    # the first one.
+    # The sample being read is lost; WebDataset samples carry their own keys, and the
+    # shard's path names a failure before the first one.
     failed_key = key if key is not None else relative_key(path, root) + '#shard'
     yield FailureRecord.from_exception(failed_key, '%s#%s' % (path, failed_key),
                                        STAGE_READ, e)
+    return
+  if key is not None:
+    yield _webdataset_sample(path, key, members)
+  if not ended:
+    shard_key = relative_key(path, root) + '#end'
+    yield FailureRecord(
+        key=shard_key, uri='%s#end' % path, stage=STAGE_READ, error='TruncatedTar',
+        message='tar shard is truncated or damaged after member %s: any samples after '
+                'it are lost' % last_member)
 
 
 _READERS = {

@@ -1,0 +1,129 @@
+"""Model loading: registry grammar, each format's loader, hub downloads that fail fast."""
+
+import http.server
+import io
+import os
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.registry import ModelSpecError, parse_model_spec, parse_model_specs
+from transforms import models
+from transforms.models import ModelSpec, ModelUnavailableError, load_embedder, probe_model
+
+
+def test_registry_names_and_handles():
+  spec = parse_model_spec('mobilenet_v2_130_224')
+  assert spec.handle.startswith('https://tfhub.dev/') and spec.input_size == (224, 224)
+  spec = parse_model_spec('v1=/m/v1.tflite#MobilenetV1/Logits/AvgPool_1a/AvgPool')
+  assert (spec.name, spec.handle, spec.tensor) == (
+      'v1', '/m/v1.tflite', 'MobilenetV1/Logits/AvgPool_1a/AvgPool')
+  assert parse_model_spec('mobilenet_v1_050_160=gs://b/m').input_size == (160, 160)
+  assert [s.name for s in parse_model_specs(None)] == ['mobilenet_v3_small_100_224']
+
+
+@pytest.mark.parametrize('text,fragment', [
+    ('mobilenet_v9', 'unknown model'), ('../evil=/m', 'model name'),
+    ('a=/x', None), ('b=', 'empty handle')])
+def test_registry_rejects_bad_specs(text, fragment):
+  if fragment is None:
+    parse_model_spec(text)
+    return
+  with pytest.raises(ModelSpecError, match=fragment):
+    parse_model_spec(text)
+
+
+def test_duplicate_model_names_are_refused():
+  with pytest.raises(ModelSpecError, match='twice'):
+    parse_model_specs(['a=/x', 'a=/y'])
+
+
+def test_probe_finds_format_size_and_dimension(test_models):
+  expectations = {'v3_tf2': ('tf2_saved_model', (224, 224), 1024),
+                  'v1_tf1': ('tf1_hub_module', (160, 160), 512),
+                  'v2_tflite': ('tflite', (224, 224), 1664)}
+  for name, (model_format, size, dim) in expectations.items():
+    spec = probe_model(ModelSpec(name, test_models[name]))
+    assert (spec.model_format, spec.input_size, spec.dim) == (model_format, size, dim)
+
+
+def test_embeddings_are_healthy_and_batch_independent(test_models):
+  rng = np.random.default_rng(0)
+  for name in ('v3_tf2', 'v1_tf1', 'v2_tflite'):
+    embedder = load_embedder(ModelSpec(name, test_models[name]))
+    pixels = rng.integers(0, 256, (3,) + embedder.input_size + (3,), dtype=np.uint8)
+    together = embedder(pixels)
+    alone = np.concatenate([embedder(pixels[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert np.all(np.linalg.norm(together, axis=1) > 1e-3), name
+
+
+def test_quantized_tflite_intermediate_tensor(coral_v1):
+  from conftest import CORAL_V1_FEATURES  # pylint: disable=import-outside-toplevel
+  embedder = load_embedder(ModelSpec('v1', coral_v1, tensor=CORAL_V1_FEATURES))
+  assert embedder.input_size == (160, 160)
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 160, 160, 3), dtype=np.uint8)
+  vectors = embedder(pixels)
+  assert vectors.shape == (2, 512) and vectors.dtype == np.float32
+  assert (vectors >= 0).all()  # AvgPool after ReLU6, dequantized
+  with pytest.raises(ModelUnavailableError, match='no tensor named'):
+    load_embedder(ModelSpec('v1', coral_v1, tensor='no/such/tensor'))
+
+
+def test_tensor_suffix_only_for_tflite(test_models):
+  with pytest.raises(ModelUnavailableError, match='only be named for a .tflite'):
+    load_embedder(ModelSpec('x', test_models['v3_tf2'], tensor='a'))
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+  archive = b''
+  requests = []
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    type(self).requests.append(self.path)
+    if self.path.endswith('?tf-hub-format=compressed') and '/good/' in self.path:
+      self.send_response(200)
+      self.send_header('Content-Length', str(len(self.archive)))
+      self.end_headers()
+      self.wfile.write(self.archive)
+    else:
+      self.send_error(404)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def local_hub(test_models, tmp_path, monkeypatch):
+  """A hub on loopback serving the TF2 test model as TF Hub does: a .tar.gz."""
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode='w:gz') as archive:
+    archive.add(test_models['v3_tf2'], arcname='.')
+  _HubHandler.archive = buffer.getvalue()
+  _HubHandler.requests = []
+  server = http.server.HTTPServer(('127.0.0.1', 0), _HubHandler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  monkeypatch.setenv(models.HUB_CACHE_ENV, str(tmp_path / 'hub-cache'))
+  yield 'http://127.0.0.1:%d' % server.server_port
+  server.shutdown()
+
+
+def test_hub_handle_downloads_once_and_loads(local_hub):
+  handle = local_hub + '/good/model/1'
+  spec = probe_model(ModelSpec('hubbed', handle))
+  assert spec.dim == 1024
+  probe_model(ModelSpec('hubbed', handle))
+  assert _HubHandler.requests == ['/good/model/1?tf-hub-format=compressed']
+  assert os.listdir(models.hub_cache_dir()) == [os.path.basename(
+      models.resolve_hub_handle(handle))]
+
+
+def test_hub_failure_is_fast_and_says_how_to_use_a_local_copy(local_hub):
+  with pytest.raises(ModelUnavailableError) as error:
+    probe_model(ModelSpec('missing', local_hub + '/missing/model/1'))
+  message = str(error.value)
+  assert 'cannot download model' in message
+  assert '--model NAME=/path/to/unpacked_dir' in message

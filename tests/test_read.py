@@ -1,0 +1,129 @@
+"""Read stage: keys, formats, TFRecord and WebDataset shards, including damaged ones."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import tensorflow as tf
+
+from schemas.records import FailureRecord, ImageRecord
+from transforms import read
+
+
+@pytest.mark.parametrize('patterns,root', [
+    (['/data/photos/**/*.jpg'], '/data/photos/'),
+    (['/data/photos/a/*.jpg', '/data/photos/b/*.png'], '/data/photos/'),
+    (['/data/photos/a/x.jpg'], '/data/photos/a/'),
+    (['/data/ph*/a.jpg', '/data/photos/b.jpg'], '/data/'),
+    (['gs://bucket/shards/train-*.tar'], 'gs://bucket/shards/'),
+    (['/a/b/*', '/c/d/*'], '/'),
+])
+def test_common_root(patterns, root):
+  assert read.common_root(patterns) == root
+
+
+def test_relative_key_and_label():
+  assert read.relative_key('/data/photos/cats/1.jpg', '/data/photos/') == 'cats/1.jpg'
+  assert read.folder_label('cats/1.jpg') == 'cats'
+  assert read.folder_label('1.jpg') is None
+
+
+@pytest.mark.parametrize('path,expected', [
+    ('x/a.jpg', 'files'), ('x/train-0.tfrecord', 'tfrecord'), ('x/t.tfrec', 'tfrecord'),
+    ('x/t.tfrecord.gz', 'tfrecord'), ('x/00001.tar', 'webdataset'), ('x/A.TAR', 'webdataset')])
+def test_format_by_extension(path, expected):
+  assert read.format_of(path, 'auto') == expected
+  assert read.format_of(path, 'files') == 'files'
+
+
+def example(image_bytes, filename=None, label=None):
+  feature = {'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))}
+  if filename:
+    feature['image/filename'] = tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[filename.encode()]))
+  if label is not None:
+    feature['image/class/label'] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecord(path, payloads):
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for payload in payloads:
+      writer.write(payload)
+
+
+def test_tfrecord_records_keep_label_and_filename(tmp_path):
+  shard = tmp_path / 'train-00000.tfrecord'
+  write_tfrecord(shard, [example(b'one', 'a.jpg', 3), example(b'two')])
+  records = list(read.read_tfrecord_shard(str(shard), str(tmp_path) + '/'))
+  assert [r.key for r in records] == ['train-00000.tfrecord#0', 'train-00000.tfrecord#1']
+  assert records[0].data == b'one' and records[0].label == '3'
+  assert json.loads(records[0].metadata) == {'image/filename': 'a.jpg'}
+  assert records[1].label is None and records[1].metadata is None
+
+
+def test_tfrecord_corrupt_payload_is_a_failure_and_reading_goes_on(tmp_path):
+  shard = tmp_path / 's.tfrecord'
+  write_tfrecord(shard, [example(b'first-image'), example(b'second-image'), example(b'third')])
+  data = bytearray(shard.read_bytes())
+  data[data.find(b'second-image')] ^= 0xFF  # flip a payload byte: checksum mismatch
+  shard.write_bytes(bytes(data))
+  records = list(read.read_tfrecord_shard(str(shard), str(tmp_path) + '/'))
+  assert [type(r) for r in records] == [ImageRecord, FailureRecord, ImageRecord]
+  assert 'checksum' in records[1].message and records[1].stage == 'read'
+  assert records[2].data == b'third'
+
+
+def test_tfrecord_truncated_and_non_example(tmp_path):
+  shard = tmp_path / 's.tfrecord'
+  write_tfrecord(shard, [b'not an example proto', example(b'x')])
+  shard.write_bytes(shard.read_bytes()[:-5])
+  records = list(read.read_tfrecord_shard(str(shard), str(tmp_path) + '/'))
+  assert all(isinstance(r, FailureRecord) for r in records)
+  assert len(records) == 2
+  assert 'truncated' in records[1].message
+
+
+def write_tar(path, members):
+  with tarfile.open(path, 'w') as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_samples_group_members(tmp_path):
+  shard = tmp_path / '00000.tar'
+  write_tar(shard, [('000000001.jpg', b'img1'), ('000000001.json', b'{"url": "http://x"}'),
+                    ('000000001.txt', b'a cat'), ('000000001.cls', b'7'),
+                    ('000000002.png', b'img2'), ('000000003.json', b'{}')])
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [r.key for r in records] == ['000000001', '000000002', '000000003']
+  assert records[0].data == b'img1' and records[0].label == '7'
+  assert json.loads(records[0].metadata) == {'url': 'http://x', 'caption': 'a cat'}
+  assert records[0].uri.endswith('00000.tar#000000001.jpg')
+  assert records[1].data == b'img2'
+  assert isinstance(records[2], FailureRecord) and 'no image' in records[2].message
+
+
+def test_webdataset_truncated_tar_reports_failure(tmp_path):
+  shard = tmp_path / '00000.tar'
+  write_tar(shard, [('a.jpg', b'x' * 600), ('b.jpg', b'y' * 5000)])
+  shard.write_bytes(shard.read_bytes()[:2000])
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [r.key for r in records] == ['a', '00000.tar#end']
+  assert records[0].data == b'x' * 600
+  assert isinstance(records[1], FailureRecord) and 'truncated' in records[1].message
+  # Cut inside a member's data: that sample is the failure.
+  write_tar(shard, [('a.jpg', b'x' * 600), ('b.jpg', b'y' * 5000)])
+  shard.write_bytes(shard.read_bytes()[:3000])
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [r.key for r in records] == ['a', 'b']
+  assert isinstance(records[1], FailureRecord) and records[1].stage == 'read'
+
+
+def test_missing_file_is_a_read_failure(tmp_path):
+  record = read.read_image_file(str(tmp_path / 'gone.jpg'), str(tmp_path) + '/')
+  assert isinstance(record, FailureRecord)
+  assert record.key == 'gone.jpg' and record.stage == 'read'
