@@ -1,0 +1,49 @@
+"""End-to-end runs over TFRecord and WebDataset shards: keys, labels, metadata, failures."""
+
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+import imagegen
+import run_pipeline
+from test_read import example, write_tfrecord
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+  root = tmp_path_factory.mktemp('shards')
+  write_tfrecord(root / 'train-00000.tfrecord',
+                 [example(imagegen.encode(imagegen.photo(i)), 'img%d.jpg' % i, i % 2)
+                  for i in range(4)] + [example(b'not an image', 'bad.jpg', 1)])
+  with tarfile.open(root / '00000.tar', 'w') as tar:
+    for i in range(3):
+      for extension, data in (('jpg', imagegen.encode(imagegen.photo(10 + i))),
+                              ('json', json.dumps({'url': 'http://x/%d' % i}).encode()),
+                              ('txt', b'caption %d' % i), ('cls', b'%d' % (i % 2))):
+        info = tarfile.TarInfo('%09d.%s' % (i, extension))
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  return root
+
+
+def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(shards / '*.tfrecord'), '--input', str(shards / '*.tar'),
+                     '--output', str(out), '--model', 'v1=' + test_models['v1_tf1']])
+  rows = {r['key']: r for r in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist()}
+  assert sorted(rows) == ['000000000', '000000001', '000000002'] + [
+      'train-00000.tfrecord#%d' % i for i in range(4)]
+  assert rows['train-00000.tfrecord#3']['label'] == '1'
+  assert json.loads(rows['train-00000.tfrecord#3']['metadata']) == {'image/filename': 'img3.jpg'}
+  assert rows['000000002']['label'] == '0'
+  assert json.loads(rows['000000002']['metadata']) == {'url': 'http://x/2',
+                                                        'caption': 'caption 2'}
+  assert rows['000000002']['uri'] == str(shards / '00000.tar') + '#000000002.jpg'
+  failures = pq.read_table(str(out / 'failures')).to_pylist()
+  assert [(f['key'], f['stage']) for f in failures] == [('train-00000.tfrecord#4', 'decode')]
+  counts = json.loads((out / 'manifest.json').read_text())['counts']
+  assert counts['read'] == 8 and counts['models']['v1'] == {
+      'embedded': 7, 'failed': 1, 'embed_failed': 0}
