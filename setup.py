@@ -1,4 +1,4 @@
-"""One installable distribution of the pipeline, transforms and schemas packages.
+"""One installable distribution of the pipeline, transforms, schemas and views packages.
 
 It is what `--setup_file ./setup.py` ships to Dataflow workers; the dependency pins
 come from pipeline/versions.py, the one place that holds them.
@@ -18,7 +18,7 @@ setuptools.setup(
     description='Batch image embeddings with TF Hub MobileNets on Apache Beam, '
                 'Parquet outputs and a FAISS index',
     python_requires='>=3.10',
-    packages=['pipeline', 'transforms', 'schemas'],
+    packages=['pipeline', 'transforms', 'schemas', 'views'],
     py_modules=['run_pipeline', 'query_index'],
     install_requires=versions['requirements'](),
     extras_require={'test': ['pytest', 'hypothesis']},

@@ -127,3 +127,14 @@ def test_missing_file_is_a_read_failure(tmp_path):
   record = read.read_image_file(str(tmp_path / 'gone.jpg'), str(tmp_path) + '/')
   assert isinstance(record, FailureRecord)
   assert record.key == 'gone.jpg' and record.stage == 'read'
+
+
+def test_read_uri_bytes_finds_files_records_and_members(tmp_path):
+  (tmp_path / 'a#b.jpg').write_bytes(b'hash in name')
+  assert read.read_uri_bytes(str(tmp_path / 'a#b.jpg')) == b'hash in name'
+  write_tfrecord(tmp_path / 's.tfrecord', [example(b'zero'), example(b'one')])
+  assert read.read_uri_bytes(str(tmp_path / 's.tfrecord') + '#1') == b'one'
+  write_tar(tmp_path / 'w.tar', [('k1.json', b'{}'), ('k1.jpg', b'jpeg')])
+  assert read.read_uri_bytes(str(tmp_path / 'w.tar') + '#k1.jpg') == b'jpeg'
+  with pytest.raises(FileNotFoundError):
+    read.read_uri_bytes(str(tmp_path / 'w.tar') + '#k2.jpg')

@@ -284,3 +284,26 @@ class ReadImages(beam.PTransform):
         | 'Distinct' >> beam.Distinct()
         | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format))
         .with_outputs(FAILURES_TAG, main='images'))
+
+
+def read_uri_bytes(uri):
+  """The encoded image behind a uri that this stage wrote (a file, 'shard.tfrecord#N' or
+  'shard.tar#KEY.ext'), for previews and queries of a finished run."""
+  if FileSystems.exists(uri) or '#' not in uri:
+    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      return f.read()
+  path, _, fragment = uri.rpartition('#')
+  if format_of(path, 'auto') == 'tfrecord':
+    with FileSystems.open(path) as handle:
+      for index, payload in enumerate(_iter_tfrecord_payloads(handle)):
+        if index == int(fragment):
+          if isinstance(payload, Exception):
+            raise payload
+          return parse_tf_example(payload)[0]
+  else:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+      with tarfile.open(fileobj=handle, mode='r:') as tar:
+        for member in tar:
+          if member.isfile() and member.name == fragment:
+            return tar.extractfile(member).read()
+  raise FileNotFoundError('no image at %s' % uri)

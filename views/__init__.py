@@ -1,0 +1,1 @@
+"""HTML views of runs and queries: self-contained pages with embedded thumbnails."""

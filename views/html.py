@@ -1,0 +1,59 @@
+"""Building blocks shared by every HTML page: escaping, embedded thumbnails, the page shell."""
+
+import base64
+import html
+import io
+
+from PIL import Image, ImageOps
+
+THUMBNAIL_SIDE = 160
+
+_BASE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1, h2 { font-weight: 600; }
+table { border-collapse: collapse; }
+td, th { padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; text-align: left; }
+.strip { display: flex; flex-wrap: wrap; gap: 0.6em; align-items: flex-start; }
+figure { margin: 0; width: %dpx; font-size: 0.8em; overflow-wrap: anywhere; }
+figure img { max-width: %dpx; max-height: %dpx; display: block; background: #eee; }
+.missing { width: %dpx; height: %dpx; background: #eee; display: flex;
+           align-items: center; justify-content: center; color: #888; }
+""" % ((THUMBNAIL_SIDE,) * 5)
+
+
+def escape(value):
+  """Any value from the inputs (keys, paths, labels) as inert HTML text."""
+  return html.escape('' if value is None else str(value), quote=True)
+
+
+def thumbnail_data_uri(data, side=THUMBNAIL_SIDE):
+  """Encoded image bytes -> a small JPEG data: URI (aspect ratio kept), or None when the
+  bytes are not a decodable image. Embedded, so the page needs no file access."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.draft('RGB', (side * 2, side * 2))
+    image = ImageOps.exif_transpose(image)
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.convert('RGB').save(buffer, format='JPEG', quality=80)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
+
+
+def figure(data_uri, caption_lines):
+  """A thumbnail (or a grey box when missing) with escaped caption lines."""
+  if data_uri:
+    picture = '<img src="%s" alt="">' % data_uri
+  else:
+    picture = '<div class="missing">no preview</div>'
+  captions = '<br>'.join(escape(line) for line in caption_lines)
+  return '<figure>%s<figcaption>%s</figcaption></figure>' % (picture, captions)
+
+
+def page(title, body, extra_css=''):
+  """A complete, self-contained HTML document (no external resources)."""
+  return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+          '<meta name="viewport" content="width=device-width, initial-scale=1">'
+          '<title>%s</title><style>%s%s</style></head><body>%s</body></html>\n'
+          % (escape(title), _BASE_CSS, extra_css, body))
