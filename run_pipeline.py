@@ -10,6 +10,7 @@ def main(argv=None):
   quiet_tensorflow()
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_pipeline  # pylint: disable=import-outside-toplevel
+  from pipeline.resume import prepare_output_dir  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
 
   parser, args, pipeline_options = parse_command_line(sys.argv[1:] if argv is None else argv)
@@ -17,6 +18,7 @@ def main(argv=None):
     config = make_config(args)
   except UsageError as e:
     parser.error(str(e))  # one line and exit status 2
+  prepare_output_dir(config.out_dir, config.resume, args.overwrite)
   pipeline = beam.Pipeline(options=pipeline_options)
   build_pipeline(pipeline, config)
   result = pipeline.run()

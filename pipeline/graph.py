@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
+from pipeline.resume import CompletedWork, delete_paths, earlier_failure_files
 from pipeline.versions import runtime_versions
 from schemas import outputs
 from transforms.decode import PREPROCESSING, DecodeImages
@@ -25,6 +26,7 @@ class JobConfig(NamedTuple):
   intra_op_threads: Optional[int] = None
   options: Optional[dict] = None  # the command line as the user gave it, for the manifest
   started_at: Optional[str] = None
+  resume: Optional[tuple] = None  # pipeline.resume.ResumeState when resuming
 
 
 def utc_now():
@@ -38,10 +40,13 @@ def manifest_counts(facts, model_names):
   read = facts['read_ok'] + read_failed
   models = {}
   for name in model_names:
-    embedded = facts['embedded/' + name]
+    # A resumed run counts the inputs it found already embedded as embedded.
+    embedded = facts['embedded/' + name] + facts.get('resumed/' + name, 0)
     failed = read_failed + decode_failed + facts['embed_failed/' + name]
     models[name] = {'embedded': embedded, 'failed': failed,
                     'embed_failed': facts['embed_failed/' + name]}
+    if 'resumed/' + name in facts:
+      models[name]['resumed'] = facts['resumed/' + name]
   return {
       'read': read, 'read_failed': read_failed, 'decode_failed': decode_failed,
       'models': models,
@@ -73,6 +78,9 @@ def build_manifest(config: JobConfig, facts, index_infos):
 
 
 def write_manifest(config: JobConfig, facts, index_infos):
+  if config.resume:
+    # This run retried every earlier failure; its own failure files replace theirs.
+    delete_paths(earlier_failure_files(config.out_dir, config.resume.run_tag))
   manifest = build_manifest(config, dict(facts), dict(index_infos))
   outputs.write_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE), manifest)
   return manifest
@@ -88,8 +96,12 @@ def build_pipeline(pipeline, config: JobConfig):
   """Adds the whole job to `pipeline`; returns the PCollection holding the manifest."""
   read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
                                                config.root)
+  run_tag = config.resume.run_tag if config.resume else None
+  completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
+                            ) if config.resume else None
+  images = completed.skip_decoding(read.images) if completed else read.images
   # Spreads the decode work, the first CPU-heavy stage, across workers.
-  images = read.images | 'Reshuffle' >> beam.Reshuffle()
+  images = images | 'Reshuffle' >> beam.Reshuffle()
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models])
 
@@ -99,10 +111,19 @@ def build_pipeline(pipeline, config: JobConfig):
            _count(decoded.failures, 'decode_failed', 'decode failures')]
   index_infos = []
   for spec in config.models:
-    embedded = decoded.decoded | 'Embed[%s]' % spec.name >> EmbedImages(
+    to_embed = (completed.embed_input(decoded.decoded, spec.name) if completed
+                else decoded.decoded)
+    embedded = to_embed | 'Embed[%s]' % spec.name >> EmbedImages(
         spec, config.batch_size, config.intra_op_threads)
     written = embedded['embeddings'] | 'WriteEmbeddings[%s]' % spec.name >> WriteEmbeddings(
-        config.out_dir, spec.name, spec.dim)
+        config.out_dir, spec.name, spec.dim, run_tag)
+    if completed:
+      # The index covers the earlier attempts' parts too.
+      earlier = pipeline | 'EarlierParts[%s]' % spec.name >> beam.Create(
+          [path for name, path in config.resume.completed_parts if name == spec.name])
+      written = (written, earlier) | 'AllParts[%s]' % spec.name >> beam.Flatten()
+      facts.append(_count(completed.already_embedded(read.images, spec.name),
+                          'resumed/' + spec.name, spec.name + ' resumed'))
     index_infos.append(
         written
         | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name)
@@ -114,7 +135,7 @@ def build_pipeline(pipeline, config: JobConfig):
 
   failure_files = (failures
                    | 'AllFailures' >> beam.Flatten()
-                   | 'WriteFailures' >> WriteFailures(config.out_dir))
+                   | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag))
   all_facts = facts | 'AllCounts' >> beam.Flatten()
   all_infos = index_infos | 'AllIndexes' >> beam.Flatten()
   # Side inputs are complete before the manifest step runs, so the manifest is written

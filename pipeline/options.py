@@ -8,6 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
+from pipeline.resume import OutputDirError, check_output_dir
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.models import ModelUnavailableError, probe_model
 from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
@@ -47,7 +48,20 @@ def build_parser():
   group.add_argument('--intra_op_threads', type=int, default=None, metavar='N',
                      help='TensorFlow/TFLite threads per worker process (default: the '
                           "library's own choice). Example: --intra_op_threads 1")
+  add_output_dir_flags(group)
   return parser
+
+
+def add_output_dir_flags(group):
+  group.add_argument(
+      '--resume', action='store_true',
+      help='continue an interrupted or completed run in --output: embed only the inputs '
+           'that have no embedding in its completed files, retry its failures, and '
+           'rebuild the indexes and manifest over everything')
+  group.add_argument(
+      '--overwrite', action='store_true',
+      help='delete the earlier run in --output first (without --resume or --overwrite, '
+           'an --output holding a run is refused)')
 
 
 def _check_patterns(patterns):
@@ -77,11 +91,15 @@ def make_config(args, probe=probe_model):
   except (ModelSpecError, ModelUnavailableError) as e:
     raise UsageError(str(e)) from e
   out_dir = normalize_pattern(args.output)
+  try:
+    resume = check_output_dir(out_dir, specs, args.resume, args.overwrite)
+  except OutputDirError as e:
+    raise UsageError(str(e)) from e
   return JobConfig(
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
-      options={k: v for k, v in vars(args).items()}, started_at=utc_now())
+      options={k: v for k, v in vars(args).items()}, started_at=utc_now(), resume=resume)
 
 
 def parse_command_line(argv):

@@ -17,6 +17,8 @@ INDEX_IDS_FILE = 'index_ids.parquet'
 INDEX_INFO_FILE = 'index_info.json'
 PART_PREFIX = 'part'
 PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
+# Suffix of a file being written; renamed to its final name once complete.
+TEMPORARY_SUFFIX = '.tmp-writing'
 PARQUET_SUFFIX = '.parquet'
 
 MANIFEST_FORMAT_VERSION = 1
@@ -51,6 +53,17 @@ def failures_prefix(out_dir):
 
 def failures_glob(out_dir):
   return output_path(out_dir, FAILURES_DIR, PART_PREFIX + '-*' + PARQUET_SUFFIX)
+
+
+def part_shard_template(run_tag=None):
+  """Beam shard-name template of the part files. A resumed run tags its parts
+  (part-TAG-00000-of-00004.parquet): Beam's sink deletes existing files named like its
+  own before renaming, so untagged parts of an earlier attempt could be lost."""
+  return PART_SHARD_TEMPLATE if run_tag is None else '-' + run_tag + PART_SHARD_TEMPLATE
+
+
+def part_has_tag(path, run_tag):
+  return path.rsplit('/', 1)[-1].startswith('%s-%s-' % (PART_PREFIX, run_tag))
 
 
 def embeddings_schema(dim):
@@ -116,7 +129,7 @@ def read_json(path):
 def write_bytes_atomically(path, data, mime_type='application/octet-stream'):
   """Writes to a temporary name beside the target, then renames: a reader never sees a
   half-written file."""
-  temporary = path + '.tmp-writing'
+  temporary = path + TEMPORARY_SUFFIX
   with FileSystems.create(temporary, mime_type=mime_type) as f:
     f.write(data)
   if FileSystems.exists(path):
@@ -143,6 +156,12 @@ def read_parquet(paths, columns=None, filters=None):
     with FileSystems.open(path) as f:
       tables.append(pq.read_table(f, columns=columns, filters=filters))
   return pa.concat_tables(tables) if tables else None
+
+
+def parquet_embedding_dim(path):
+  """The vector length of an embeddings Parquet file, from its schema alone."""
+  with FileSystems.open(path) as f:
+    return pq.read_schema(f).field('embedding').type.list_size
 
 
 def matching_paths(pattern):

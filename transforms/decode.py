@@ -19,11 +19,16 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's warning threshold, about 8
 DRAFT_MARGIN = 2
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+# The only formats Pillow may open. Others are refused as unsupported: some of Pillow's
+# plugins hand the bytes to external programs (EPS is run by Ghostscript), and rarely
+# used decoders are attack surface that photo collections do not need.
+DECODABLE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF', 'WEBP', 'AVIF', 'PPM')
 
 # Recorded in the manifest, so a query embeds its images exactly as the run did.
 PREPROCESSING = {
     'decoder': 'Pillow',
     'exif_orientation': 'applied',
+    'formats': ', '.join(DECODABLE_FORMATS),
     'color': 'converted to RGB; alpha composited onto white; 16-bit scaled to 8-bit',
     'jpeg_draft': 'DCT downscaling to at least %dx the input size' % DRAFT_MARGIN,
     'resize': 'whole image to the model input size (aspect ratio not kept), '
@@ -48,10 +53,13 @@ def _to_rgb(image):
     background = Image.new('RGBA', image.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, image).convert('RGB')
   if image.mode.startswith('I') or image.mode == 'F':
-    values = np.asarray(image, dtype=np.float64)
-    # 16-bit data (mode I;16, or I holding 16-bit PNG samples) is scaled, not clipped.
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    # 16-bit data (mode I;16, or I holding 16-bit PNG samples) is scaled, not clipped;
+    # floating-point samples within [0, 1] are scaled up, not rounded to black.
     if image.mode.startswith('I;16') or values.max(initial=0) > 255:
       values = values / 257.0
+    elif image.mode == 'F' and values.max(initial=0) <= 1.0:
+      values = values * 255.0
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     return Image.fromarray(gray).convert('RGB')
   return image.convert('RGB')
@@ -75,7 +83,7 @@ def decode_image(data, sizes):
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('error', Image.DecompressionBombWarning)
-      image = Image.open(io.BytesIO(data))
+      image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
   except Image.UnidentifiedImageError as e:
     raise ImageDecodeError('unsupported or unrecognized image format') from e
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -9,38 +9,40 @@ from schemas import outputs
 ROWS_PER_ROW_GROUP = 2048
 
 
-def _write_batched(rows, prefix, schema, to_table):
+def _write_batched(rows, prefix, schema, to_table, run_tag=None):
   return (
       rows
       | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=ROWS_PER_ROW_GROUP)
       | 'ToArrow' >> beam.Map(to_table)
       | 'Parquet' >> WriteToParquetBatched(
           prefix, schema=schema, file_name_suffix=outputs.PARQUET_SUFFIX,
-          shard_name_template=outputs.PART_SHARD_TEMPLATE, codec='snappy'))
+          shard_name_template=outputs.part_shard_template(run_tag), codec='snappy'))
 
 
 class WriteEmbeddings(beam.PTransform):
   """Embeddings of one model -> OUT/<model>/embeddings/part-*.parquet; outputs the
   written file paths once they are final."""
 
-  def __init__(self, out_dir, model_name, dim):
+  def __init__(self, out_dir, model_name, dim, run_tag=None):
     super().__init__()
     self._prefix = outputs.embeddings_prefix(out_dir, model_name)
     self._dim = dim
+    self._run_tag = run_tag
 
   def expand(self, embeddings):
     dim = self._dim
     return _write_batched(embeddings, self._prefix, outputs.embeddings_schema(dim),
-                          lambda batch: outputs.embeddings_table(batch, dim))
+                          lambda batch: outputs.embeddings_table(batch, dim), self._run_tag)
 
 
 class WriteFailures(beam.PTransform):
   """FailureRecords -> OUT/failures/part-*.parquet; outputs the written file paths."""
 
-  def __init__(self, out_dir):
+  def __init__(self, out_dir, run_tag=None):
     super().__init__()
     self._prefix = outputs.failures_prefix(out_dir)
+    self._run_tag = run_tag
 
   def expand(self, failures):
     return _write_batched(failures, self._prefix, outputs.FAILURES_SCHEMA,
-                          outputs.failures_table)
+                          outputs.failures_table, self._run_tag)
