@@ -8,7 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
-from pipeline.resume import OutputDirError, check_output_dir
+from pipeline.resume import OutputDirError, check_output_dir, resume_state
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.models import ModelUnavailableError, probe_model
 from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
@@ -84,15 +84,19 @@ def make_config(args, probe=probe_model):
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError('cannot list --input: %s' % e) from e
+  out_dir = normalize_pattern(args.output)
+  try:
+    check_output_dir(out_dir, args.resume, args.overwrite)
+  except OutputDirError as e:
+    raise UsageError(str(e)) from e
   try:
     # Local handles are made absolute: workers and the query script run elsewhere.
     specs = [probe(spec._replace(handle=normalize_pattern(spec.handle)))
              for spec in parse_model_specs(args.model)]
   except (ModelSpecError, ModelUnavailableError) as e:
     raise UsageError(str(e)) from e
-  out_dir = normalize_pattern(args.output)
   try:
-    resume = check_output_dir(out_dir, specs, args.resume, args.overwrite)
+    resume = resume_state(out_dir, specs) if args.resume else None
   except OutputDirError as e:
     raise UsageError(str(e)) from e
   return JobConfig(

@@ -76,19 +76,13 @@ def completed_parts(out_dir, model_specs):
   return tuple(parts)
 
 
-def check_output_dir(out_dir, model_specs, resume=False, overwrite=False):
-  """Decides at launch what to do with out_dir; raises OutputDirError to refuse.
-
-  Returns a ResumeState for --resume, else None. Nothing is changed here: see
-  prepare_output_dir.
-  """
+def check_output_dir(out_dir, resume=False, overwrite=False):
+  """Refuses (OutputDirError) an out_dir holding a run, unless told what to do with it.
+  Nothing is changed here: see prepare_output_dir."""
   if resume and overwrite:
     raise OutputDirError('--resume and --overwrite exclude each other')
-  if resume:
-    return ResumeState(run_tag=new_run_tag(),
-                       completed_parts=completed_parts(out_dir, model_specs))
-  if overwrite:
-    return None
+  if resume or overwrite:
+    return
   if FileSystems.exists(outputs.output_path(out_dir, outputs.MANIFEST_FILE)):
     raise OutputDirError(
         '--output %s holds a completed run; pass --resume to embed only new inputs '
@@ -97,7 +91,12 @@ def check_output_dir(out_dir, model_specs, resume=False, overwrite=False):
     raise OutputDirError(
         '--output %s holds the outputs of an unfinished run; pass --resume to finish '
         'it or --overwrite to start again' % out_dir)
-  return None
+
+
+def resume_state(out_dir, model_specs):
+  """A new ResumeState: this attempt's tag and the completed parts found at launch."""
+  return ResumeState(run_tag='r' + uuid.uuid4().hex[:12],
+                     completed_parts=completed_parts(out_dir, model_specs))
 
 
 def prepare_output_dir(out_dir, resume_state, overwrite=False):
@@ -109,10 +108,6 @@ def prepare_output_dir(out_dir, resume_state, overwrite=False):
   elif resume_state is not None:
     delete_paths([outputs.output_path(out_dir, outputs.MANIFEST_FILE)]
                  + unfinished_leftovers(out_dir))
-
-
-def new_run_tag():
-  return 'r' + uuid.uuid4().hex[:12]
 
 
 def earlier_failure_files(out_dir, run_tag):
