@@ -1,0 +1,199 @@
+"""Interrupted and repeated runs: refusing a finished output, --overwrite, --resume, and a
+run killed with SIGKILL then resumed, equal to an uninterrupted run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import imagegen
+import run_pipeline
+from conftest import PROJECT
+from schemas import outputs
+
+IMAGES = 24
+MODELS = ('v1', 'v3')
+BAD_KEY = 'broken.jpg'
+
+
+def job_args(inputs, out, test_models, *extra):
+  return ['--input', str(inputs / '*'), '--output', str(out), '--batch_size', '8',
+          '--model', 'v1=' + test_models['v1_tf1'], '--model', 'v3=' + test_models['v3_tf2'],
+          *extra]
+
+
+def write_images(folder, first, count):
+  folder.mkdir(parents=True, exist_ok=True)
+  for n in range(first, first + count):
+    (folder / ('%04d.jpg' % n)).write_bytes(imagegen.encode(imagegen.photo(n, 96, 72)))
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('resume') / 'images'
+  write_images(folder, 0, IMAGES)
+  (folder / BAD_KEY).write_bytes(b'\xff\xd8\xff' + bytes(50))
+  return folder
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, inputs, test_models):
+  out = tmp_path_factory.mktemp('uninterrupted') / 'out'
+  run_pipeline.main(job_args(inputs, out, test_models))
+  return out
+
+
+def embeddings(out, model):
+  """key -> vector, checking that no key is there twice."""
+  table = pq.read_table(str(out / model / 'embeddings'))
+  keys = table.column('key').to_pylist()
+  assert len(keys) == len(set(keys)), 'a key was written twice'
+  return dict(zip(keys, np.stack(table.column('embedding').to_numpy(zero_copy_only=False))))
+
+
+def failure_keys(out):
+  keys = pq.read_table(str(out / 'failures')).column('key').to_pylist()
+  assert len(keys) == len(set(keys))
+  return sorted(keys)
+
+
+def manifest_counts(out):
+  return json.loads((out / 'manifest.json').read_text())['counts']
+
+
+def assert_same_output(got, expected):
+  for model in MODELS:
+    got_rows, expected_rows = embeddings(got, model), embeddings(expected, model)
+    assert sorted(got_rows) == sorted(expected_rows)
+    for key, vector in expected_rows.items():
+      np.testing.assert_allclose(got_rows[key], vector, rtol=1e-5, atol=1e-5)
+    ids = pq.read_table(str(got / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
+    assert ids == sorted(expected_rows)  # the index covers every part, old and new
+    assert sorted(p.name for p in (got / model / 'embeddings').iterdir()) == sorted(
+        p.name for p in (got / model / 'embeddings').glob('part-*.parquet'))
+  assert failure_keys(got) == failure_keys(expected) == [BAD_KEY]
+  got_counts, expected_counts = manifest_counts(got), manifest_counts(expected)
+  assert got_counts['reconciled'] is True
+  for model in MODELS:
+    assert got_counts['models'][model]['embedded'] == expected_counts['models'][model]['embedded']
+    assert got_counts['models'][model]['failed'] == expected_counts['models'][model]['failed']
+  assert got_counts['read'] == expected_counts['read'] == IMAGES + 1
+
+
+def test_completed_run_is_refused_without_resume_or_overwrite(uninterrupted, inputs,
+                                                             test_models, capsys):
+  before = (uninterrupted / 'manifest.json').read_bytes()
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(job_args(inputs, uninterrupted, test_models))
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert 'holds a completed run' in error and '--resume' in error and '--overwrite' in error
+  assert (uninterrupted / 'manifest.json').read_bytes() == before
+  with pytest.raises(SystemExit):
+    run_pipeline.main(job_args(inputs, uninterrupted, test_models, '--resume', '--overwrite'))
+
+
+def test_unfinished_run_is_refused_and_overwrite_starts_again(tmp_path, uninterrupted, inputs,
+                                                              test_models, capsys):
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  (out / 'manifest.json').unlink()
+  stray = out / 'v1' / 'embeddings' / 'part-00007-of-00009.parquet'
+  shutil.copy(next((out / 'v1' / 'embeddings').glob('part-*')), stray)
+  with pytest.raises(SystemExit):
+    run_pipeline.main(job_args(inputs, out, test_models))
+  assert 'unfinished run' in capsys.readouterr().err
+  (out / 'notes.txt').write_text('not ours')
+  run_pipeline.main(job_args(inputs, out, test_models, '--overwrite'))
+  assert not stray.exists()  # it would have been read as a duplicate of every key
+  assert (out / 'notes.txt').read_text() == 'not ours'
+  assert_same_output(out, uninterrupted)
+
+
+def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, inputs,
+                                                      test_models):
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  # As if the run was killed after v1's parts were final but before v3's: no manifest,
+  # v3 has only Beam's temporary directory, half-written files lie around.
+  (out / 'manifest.json').unlink()
+  shutil.rmtree(out / 'v3' / 'embeddings')
+  temporary = out / 'v3' / 'embeddings' / 'beam-temp-part-0123abcd'
+  temporary.mkdir(parents=True)
+  (temporary / 'x.part.parquet').write_bytes(b'PAR1 half written')
+  (out / 'v1' / 'index.faiss.tmp-writing').write_bytes(b'half')
+  v1_parts = {p.name: p.read_bytes() for p in (out / 'v1' / 'embeddings').iterdir()}
+
+  run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
+
+  assert_same_output(out, uninterrupted)
+  for name, data in v1_parts.items():  # completed parts are kept as they were
+    assert (out / 'v1' / 'embeddings' / name).read_bytes() == data
+  assert not temporary.exists() and not (out / 'v1' / 'index.faiss.tmp-writing').exists()
+  counts = manifest_counts(out)['models']
+  assert counts['v1']['resumed'] == IMAGES and counts['v3']['resumed'] == 0
+
+
+def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inputs,
+                                                   test_models):
+  more = tmp_path / 'images'
+  shutil.copytree(inputs, more)
+  write_images(more, IMAGES, 3)
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  old_failures = sorted(p.name for p in (out / 'failures').iterdir())
+
+  run_pipeline.main(job_args(more, out, test_models, '--resume'))
+
+  counts = manifest_counts(out)
+  assert counts['read'] == IMAGES + 4 and counts['reconciled'] is True
+  old = embeddings(uninterrupted, 'v3')
+  for model in MODELS:
+    rows = embeddings(out, model)
+    assert sorted(rows) == sorted(list(old) + ['%04d.jpg' % n for n in range(IMAGES, IMAGES + 3)])
+    assert counts['models'][model] == {'embedded': IMAGES + 3, 'failed': 1, 'embed_failed': 0,
+                                       'resumed': IMAGES}
+  # The failed input was retried and failed again: one record, in this run's file.
+  assert failure_keys(out) == [BAD_KEY]
+  assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
+
+
+def _final_parts(out):
+  return [os.path.join(folder, name)
+          for folder in (out / 'v1' / 'embeddings', out / 'v3' / 'embeddings')
+          if folder.is_dir() for name in os.listdir(folder) if name.startswith('part-')]
+
+
+def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, uninterrupted, inputs,
+                                                     test_models):
+  out = tmp_path / 'out'
+  command = [sys.executable, str(PROJECT / 'run_pipeline.py'),
+             *job_args(inputs, out, test_models)]
+  process = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    # Kill as soon as the first part file is final: the other model's part, the
+    # failures, the indexes and the manifest are still to come.
+    while not _final_parts(out) and process.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+  finally:
+    process.kill()
+    process.wait()
+  assert process.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+  assert _final_parts(out), 'no part file appeared'
+  assert not (out / 'manifest.json').exists()
+  for part in _final_parts(out):  # a part under its final name is always whole
+    assert pq.read_metadata(part).num_rows > 0
+
+  run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
+
+  assert_same_output(out, uninterrupted)
