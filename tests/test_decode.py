@@ -109,3 +109,108 @@ def test_decode_record_keeps_metadata_and_hash():
                                      metadata='{"a": 1}'), [SIZE])
   assert result.sha256 == hashlib.sha256(data).hexdigest()
   assert (result.label, result.metadata) == ('cat', '{"a": 1}')
+
+
+def _reference(image):
+  return np.asarray(image.convert('RGB').resize((64, 64), Image.BILINEAR)).astype(int)
+
+
+@pytest.mark.parametrize('image_format,params', [
+    ('TIFF', {}), ('TIFF', {'compression': 'tiff_lzw'}), ('WEBP', {'lossless': True}),
+    ('GIF', {}), ('BMP', {}), ('PNG', {}), ('PPM', {})])
+def test_lossless_formats_decode_to_their_pixels(image_format, params):
+  image = imagegen.photo(6, 90, 70)
+  if image_format == 'GIF':
+    image = image.convert('P')
+  width, height, pixels = decode(imagegen.encode(image, image_format, **params))
+  assert (width, height) == (90, 70)
+  assert np.abs(pixels[SIZE].astype(int) - _reference(image)).max() <= 1
+
+
+def test_animated_images_give_their_first_frame():
+  first, second = imagegen.photo(7, 90, 70), imagegen.photo(8, 90, 70)
+  for image_format, params in (('GIF', {}), ('WEBP', {'lossless': True})):
+    data = imagegen.encode(first, image_format, save_all=True, append_images=[second], **params)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    _, _, pixels = decode(data)
+    single = Image.open(io.BytesIO(imagegen.encode(first, image_format, **params)))
+    assert np.abs(pixels[SIZE].astype(int) - _reference(single)).max() <= 1
+
+
+def test_float_tiff_in_unit_range_is_scaled_not_black():
+  gray = imagegen.photo(9, 80, 60).convert('L')
+  data = imagegen.encode(Image.fromarray(np.asarray(gray, dtype=np.float32) / 255.0), 'TIFF')
+  _, _, pixels = decode(data)
+  assert np.abs(pixels[SIZE][..., 0].astype(int) - _reference(gray)[..., 0]).mean() < 2
+
+
+@pytest.mark.parametrize('width,height', [(1, 1), (10000, 50), (50, 10000)])
+def test_extreme_shapes(width, height):
+  image = (imagegen.photo(10, width, height) if min(width, height) > 20 else
+           Image.new('RGB', (width, height), (200, 30, 30)))
+  got_width, got_height, pixels = decode(imagegen.encode(image))
+  assert (got_width, got_height) == (width, height)
+  assert pixels[SIZE].shape == (64, 64, 3)
+
+
+def test_postscript_is_never_handed_to_ghostscript():
+  # Pillow's EPS plugin would run Ghostscript on the bytes: a program from the input.
+  eps = b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n(x) print showpage\n'
+  with pytest.raises(ImageDecodeError, match='unsupported or unrecognized image format'):
+    decode(eps)
+
+
+@pytest.mark.parametrize('image_format', ['PNG', 'GIF', 'TIFF', 'BMP', 'JPEG'])
+def test_bombs_in_every_format_are_refused_in_a_capped_process(tmp_path, image_format):
+  """A 12000x12000 header (between Pillow's warning and error thresholds) is refused
+  before its pixels are allocated: the decode runs with 200 MB of address space to spare,
+  less than its 432 MB of RGB pixels."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import PROJECT  # pylint: disable=import-outside-toplevel
+  bomb = tmp_path / 'bomb'
+  bomb.write_bytes(_declared_size(image_format, 12000, 12000))
+  script = (
+      'import resource, sys\n'
+      'from transforms.decode import decode_record\n'
+      'from schemas.records import ImageRecord\n'
+      'vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024\n'
+      'resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))\n'
+      'data = open(sys.argv[1], "rb").read()\n'
+      'print(decode_record(ImageRecord("k", "u", data), [(224, 224)]).message)\n')
+  result = subprocess.run([sys.executable, '-c', script, str(bomb)], cwd=str(PROJECT),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'decompression bomb' in result.stdout
+
+
+def _declared_size(image_format, width, height):
+  """A small file of the format whose header declares width x height pixels."""
+  import struct  # pylint: disable=import-outside-toplevel
+  if image_format == 'PNG':
+    return imagegen.bomb_png(width, height)
+  if image_format == 'TIFF':
+    return _tiff_with_size(width, height)
+  data = bytearray(imagegen.encode(Image.new('L' if image_format != 'GIF' else 'P', (1, 1)),
+                                   image_format))
+  if image_format == 'GIF':
+    data[6:10] = struct.pack('<HH', width, height)  # logical screen
+    start = data.index(b',')  # image descriptor
+    data[start + 5:start + 9] = struct.pack('<HH', width, height)
+  elif image_format == 'BMP':
+    data[18:26] = struct.pack('<ii', width, height)
+  elif image_format == 'JPEG':
+    start = data.index(b'\xff\xc0')  # start of frame: precision, height, width
+    data[start + 5:start + 9] = struct.pack('>HH', height, width)
+  return bytes(data)
+
+
+def _tiff_with_size(width, height):
+  """A minimal little-endian TIFF header whose only IFD declares width x height, 8-bit gray."""
+  import struct  # pylint: disable=import-outside-toplevel
+  entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
+             (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1), (278, 4, 1, height),
+             (279, 4, 1, 1)]
+  ifd = struct.pack('<H', len(entries)) + b''.join(
+      struct.pack('<HHII', tag, kind, count, value) for tag, kind, count, value in entries)
+  return b'II*\x00' + struct.pack('<I', 8 + 1) + b'\x00' + ifd + struct.pack('<I', 0)

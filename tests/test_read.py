@@ -138,3 +138,44 @@ def test_read_uri_bytes_finds_files_records_and_members(tmp_path):
   assert read.read_uri_bytes(str(tmp_path / 'w.tar') + '#k1.jpg') == b'jpeg'
   with pytest.raises(FileNotFoundError):
     read.read_uri_bytes(str(tmp_path / 'w.tar') + '#k2.jpg')
+
+
+def test_file_gone_after_listing_is_a_read_failure(tmp_path):
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'a.jpg').write_bytes(b'soon gone')
+  listed = [m.path for m in FileSystems.match([str(tmp_path / '*.jpg')])[0].metadata_list]
+  (tmp_path / 'a.jpg').unlink()
+  records = list(read.read_path(listed[0], str(tmp_path) + '/', 'auto'))
+  assert len(records) == 1 and isinstance(records[0], FailureRecord)
+  assert (records[0].key, records[0].stage, records[0].error) == (
+      'a.jpg', 'read', 'FileNotFoundError')
+
+
+def test_unreadable_file_is_a_read_failure(tmp_path):
+  import socket  # pylint: disable=import-outside-toplevel
+  server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+  server.bind(str(tmp_path / 'sock.jpg'))  # open() fails on it, even for root
+  server.close()
+  record = read.read_image_file(str(tmp_path / 'sock.jpg'), str(tmp_path) + '/')
+  assert isinstance(record, FailureRecord) and record.stage == 'read'
+
+
+def test_webdataset_links_are_failures_never_followed(tmp_path):
+  secret = tmp_path / 'secret.jpg'
+  secret.write_bytes(b'must not be read')
+  shard = tmp_path / '00000.tar'
+  with tarfile.open(shard, 'w') as tar:
+    for name, target in (('a.jpg', str(secret)), ('b.jpg', '../../secret.jpg')):
+      info = tarfile.TarInfo(name)
+      info.type, info.linkname = tarfile.SYMTYPE, target
+      tar.addfile(info)
+    data = b'real image bytes'
+    info = tarfile.TarInfo('c.jpg')
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [r.key for r in records] == ['a', 'b', 'c']
+  for record in records[:2]:
+    assert isinstance(record, FailureRecord) and record.error == 'NotARegularFile'
+    assert 'not followed' in record.message
+  assert records[2].data == data

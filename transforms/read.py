@@ -170,6 +170,13 @@ def _webdataset_sample(shard_path, key, members):
   """Members of one WebDataset sample ({extension: bytes}) -> ImageRecord or FailureRecord."""
   uri = '%s#%s' % (shard_path, key)
   image_ext = next((e for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
+  if image_ext is not None and isinstance(members[image_ext], tarfile.TarInfo):
+    link = members[image_ext]
+    return FailureRecord(key=key, uri=uri + '.' + image_ext, stage=STAGE_READ,
+                         error='NotARegularFile',
+                         message='tar member %s is not a regular file (link to %r); links '
+                         'are not followed' % (link.name, link.linkname))
+  members = {e: data for e, data in members.items() if isinstance(data, bytes)}
   if image_ext is None:
     return FailureRecord(key=key, uri=uri, stage=STAGE_READ, error='MissingImage',
                          message='sample has no image member (found: %s)'
@@ -215,14 +222,16 @@ def read_webdataset_shard(path, root):
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
       with tarfile.open(fileobj=handle, mode='r:') as tar:
         for member in tar:
-          if not member.isfile():
+          if member.isdir():
             continue
           member_key, extension = split_member_name(member.name)
           if member_key != key and key is not None:
             yield _webdataset_sample(path, key, members)
             members = {}
           key = member_key
-          members[extension] = tar.extractfile(member).read()
+          # Links and special files are kept as their TarInfo, never followed: member
+          # names and link targets are data, not paths of this machine.
+          members[extension] = tar.extractfile(member).read() if member.isfile() else member
           last_member = member.name
         ended = _tar_properly_ended(handle, tar.offset)
   except Exception as e:  # pylint: disable=broad-except
