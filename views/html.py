@@ -6,6 +6,8 @@ import io
 
 from PIL import Image, ImageOps
 
+from transforms.decode import DECODABLE_FORMATS
+
 THUMBNAIL_SIDE = 160
 
 _BASE_CSS = """
@@ -30,7 +32,7 @@ def thumbnail_data_uri(data, side=THUMBNAIL_SIDE):
   """Encoded image bytes -> a small JPEG data: URI (aspect ratio kept), or None when the
   bytes are not a decodable image. Embedded, so the page needs no file access."""
   try:
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)  # never Ghostscript
     image.draft('RGB', (side * 2, side * 2))
     image = ImageOps.exif_transpose(image)
     image.thumbnail((side, side))
