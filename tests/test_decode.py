@@ -129,7 +129,7 @@ def test_lossless_formats_decode_to_their_pixels(image_format, params):
 
 def test_animated_images_give_their_first_frame():
   first, second = imagegen.photo(7, 90, 70), imagegen.photo(8, 90, 70)
-  for image_format, params in (('GIF', {}), ('WEBP', {'lossless': True})):
+  for image_format, params in (('GIF', {}), ('WEBP', {'lossless': True}), ('TIFF', {})):
     data = imagegen.encode(first, image_format, save_all=True, append_images=[second], **params)
     assert Image.open(io.BytesIO(data)).n_frames == 2
     _, _, pixels = decode(data)
