@@ -1,6 +1,7 @@
 """Where every output file lives and what its columns are: the single source of truth."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ EMBEDDINGS_DIR = 'embeddings'
 INDEX_FILE = 'index.faiss'
 INDEX_IDS_FILE = 'index_ids.parquet'
 INDEX_INFO_FILE = 'index_info.json'
+REPORT_FILE = 'report.html'
 PART_PREFIX = 'part'
 PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
 PARQUET_SUFFIX = '.parquet'
@@ -142,6 +144,24 @@ def read_parquet(paths, columns=None, filters=None):
   for path in paths:
     with FileSystems.open(path) as f:
       tables.append(pq.read_table(f, columns=columns, filters=filters))
+  return pa.concat_tables(tables) if tables else None
+
+
+def read_parquet_sample(paths, columns, limit):
+  """Up to `limit` rows, taken evenly from the start of each file (whole record batches,
+  so a large run is not read in full)."""
+  tables = []
+  per_file = math.ceil(limit / max(len(paths), 1))
+  for path in paths:
+    with FileSystems.open(path) as f:
+      batches, rows = [], 0
+      for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= per_file:
+          break
+      if batches:
+        tables.append(pa.Table.from_batches(batches).slice(0, per_file))
   return pa.concat_tables(tables) if tables else None
 
 
