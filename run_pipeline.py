@@ -9,7 +9,7 @@ from pipeline.options import UsageError, make_config, parse_command_line, quiet_
 def main(argv=None):
   quiet_tensorflow()
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
-  from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_pipeline  # pylint: disable=import-outside-toplevel
   from pipeline.progress import live_progress  # pylint: disable=import-outside-toplevel
   from pipeline.summary import format_summary  # pylint: disable=import-outside-toplevel
@@ -21,7 +21,7 @@ def main(argv=None):
   except UsageError as e:
     parser.error(str(e))  # one line and exit status 2
   pipeline = beam.Pipeline(options=pipeline_options)
-  runner = pipeline_options.view_as(StandardOptions).runner
+  runner = pipeline_options.view_as(beam_options.StandardOptions).runner
   with live_progress(config, runner, args.progress_seconds) as metrics:
     build_pipeline(pipeline, config, metrics)
     result = pipeline.run()
