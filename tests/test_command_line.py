@@ -110,14 +110,6 @@ def test_output_blocked_by_a_file(one_photo, capsys):
   assert status == 2 and 'is a file, not a directory' in lines[0]
 
 
-def test_misspelled_beam_flag_in_a_fresh_process(one_photo):
-  result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
-                   '--direct_running_mod', 'multi_processing')
-  assert result.returncode == 2
-  assert 'did you mean --direct_running_mode?' in error_line(result)
-  assert 'Traceback' not in result.stderr
-
-
 def test_help_lists_our_flags_with_default_and_example(capsys):
   from pipeline.options import build_parser  # pylint: disable=import-outside-toplevel
   parser = build_parser()
