@@ -9,8 +9,11 @@ from pipeline.options import UsageError, make_config, parse_command_line, quiet_
 def main(argv=None):
   quiet_tensorflow()
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options as beam_options  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_pipeline  # pylint: disable=import-outside-toplevel
   from pipeline.resume import prepare_output_dir  # pylint: disable=import-outside-toplevel
+  from pipeline.progress import live_progress  # pylint: disable=import-outside-toplevel
+  from pipeline.summary import format_summary  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
 
   parser, args, pipeline_options = parse_command_line(sys.argv[1:] if argv is None else argv)
@@ -20,17 +23,29 @@ def main(argv=None):
     parser.error(str(e))  # one line and exit status 2
   prepare_output_dir(config.out_dir, config.resume, args.overwrite)
   pipeline = beam.Pipeline(options=pipeline_options)
-  build_pipeline(pipeline, config)
-  result = pipeline.run()
-  result.wait_until_finish()
+  runner = pipeline_options.view_as(beam_options.StandardOptions).runner
+  with live_progress(config, runner, args.progress_seconds) as metrics:
+    build_pipeline(pipeline, config, metrics)
+    result = pipeline.run()
+    result.wait_until_finish()
   manifest_path = outputs.output_path(config.out_dir, outputs.MANIFEST_FILE)
   if outputs.FileSystems.exists(manifest_path):
-    counts = outputs.read_json(manifest_path)['counts']
-    for name, model_counts in counts['models'].items():
-      print('%s: %d read, %d embedded, %d failed' % (
-          name, counts['read'], model_counts['embedded'], model_counts['failed']))
-    print('outputs in %s' % config.out_dir)
+    if not args.no_report:
+      write_report_or_warn(config.out_dir)
+    print(format_summary(outputs.read_json(manifest_path), config.out_dir,
+                         with_report=not args.no_report))
   return result
+
+
+def write_report_or_warn(out_dir):
+  """The report is a view of finished outputs: if it cannot be made, the run still
+  succeeded, and the report can be made later with python -m views.run_report."""
+  from views.run_report import write_report  # pylint: disable=import-outside-toplevel
+  try:
+    write_report(out_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('report not written (%s: %s); the run is complete, retry with '
+                    'python -m views.run_report --run %s', type(e).__name__, e, out_dir)
 
 
 if __name__ == '__main__':

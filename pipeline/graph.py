@@ -1,6 +1,7 @@
 """The Beam graph: read -> decode -> embed (per model) -> write -> index -> manifest."""
 
 import datetime
+import time
 from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -10,7 +11,9 @@ from pipeline.versions import runtime_versions
 from schemas import outputs
 from transforms.decode import PREPROCESSING, DecodeImages
 from transforms.embed import EmbedImages
+from transforms.failures import FailureReasons
 from transforms.index import BuildIndex
+from transforms import metrics as run_metrics
 from transforms.read import ReadImages
 from transforms.write import WriteEmbeddings, WriteFailures
 
@@ -27,6 +30,7 @@ class JobConfig(NamedTuple):
   options: Optional[dict] = None  # the command line as the user gave it, for the manifest
   started_at: Optional[str] = None
   resume: Optional[tuple] = None  # pipeline.resume.ResumeState when resuming
+  started_unix: Optional[float] = None  # time.time() at launch, for the wall time
 
 
 def utc_now():
@@ -54,8 +58,21 @@ def manifest_counts(facts, model_names):
   }
 
 
-def build_manifest(config: JobConfig, facts, index_infos):
+def throughput(config: JobConfig, counts):
+  """Wall time from launch to now, and images per second: overall (images read) and
+  per model (images embedded)."""
+  if config.started_unix is None:
+    return None
+  wall = max(time.time() - config.started_unix, 1e-3)
+  return {'wall_seconds': round(wall, 3),
+          'images_per_second': round(counts['read'] / wall, 3),
+          'models': {name: round(model['embedded'] / wall, 3)
+                     for name, model in counts['models'].items()}}
+
+
+def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
   names = [spec.name for spec in config.models]
+  counts = manifest_counts(facts, names)
   return {
       'format_version': outputs.MANIFEST_FORMAT_VERSION,
       'started_at': config.started_at,
@@ -70,18 +87,20 @@ def build_manifest(config: JobConfig, facts, index_infos):
           'index': index_infos.get(spec.name),
       } for spec in config.models],
       'preprocessing': PREPROCESSING,
-      'counts': manifest_counts(facts, names),
+      'counts': counts,
+      'failures_by_reason': list(failure_reasons),
+      'throughput': throughput(config, counts),
       'batch_size': config.batch_size,
       'options': config.options or {},
       'versions': runtime_versions(),
   }
 
 
-def write_manifest(config: JobConfig, facts, index_infos):
+def write_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
   if config.resume:
     # This run retried every earlier failure; its own failure files replace theirs.
     delete_paths(earlier_failure_files(config.out_dir, config.resume.run_tag))
-  manifest = build_manifest(config, dict(facts), dict(index_infos))
+  manifest = build_manifest(config, dict(facts), dict(index_infos), failure_reasons)
   outputs.write_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE), manifest)
   return manifest
 
@@ -92,10 +111,17 @@ def _count(pcoll, fact, label):
           | 'Name[%s]' % label >> beam.Map(lambda n: (fact, n)))
 
 
-def build_pipeline(pipeline, config: JobConfig):
-  """Adds the whole job to `pipeline`; returns the PCollection holding the manifest."""
+def _count_into(pcoll, metrics, count_of, label):
+  return pcoll | 'Metrics[%s]' % label >> run_metrics.CountInto(metrics, count_of)
+
+
+def build_pipeline(pipeline, config: JobConfig, metrics=None):
+  """Adds the whole job to `pipeline`; returns the PCollection holding the manifest.
+  metrics: a transforms.metrics.RunMetrics (Beam counters, plus progress files when it
+  has a folder)."""
+  metrics = metrics or run_metrics.RunMetrics()
   read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
-                                               config.root)
+                                               config.root, metrics)
   run_tag = config.resume.run_tag if config.resume else None
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
                             ) if config.resume else None
@@ -109,6 +135,11 @@ def build_pipeline(pipeline, config: JobConfig):
   facts = [_count(read.images, 'read_ok', 'read'),
            _count(read.failures, 'read_failed', 'read failures'),
            _count(decoded.failures, 'decode_failed', 'decode failures')]
+  _count_into(read.images, metrics, run_metrics.count_images_read, 'read')
+  _count_into(read.failures, metrics, run_metrics.failure_counts(run_metrics.READ_FAILED),
+              'read failures')
+  _count_into(decoded.failures, metrics,
+              run_metrics.failure_counts(run_metrics.DECODE_FAILED), 'decode failures')
   index_infos = []
   for spec in config.models:
     to_embed = (completed.embed_input(decoded.decoded, spec.name) if completed
@@ -129,13 +160,17 @@ def build_pipeline(pipeline, config: JobConfig):
         | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name)
         | 'Tag[%s]' % spec.name >> beam.Map(lambda info, name=spec.name: (name, info)))
     failures.append(embedded['failures'])
+    _count_into(embedded['embeddings'], metrics, run_metrics.embedding_counts(spec.name),
+                spec.name)
+    _count_into(embedded['failures'], metrics, run_metrics.failure_counts(
+        run_metrics.embed_failed_metric(spec.name)), spec.name + ' failures')
     facts.append(_count(embedded['embeddings'], 'embedded/' + spec.name, spec.name))
     facts.append(_count(embedded['failures'], 'embed_failed/' + spec.name,
                         spec.name + ' failures'))
 
-  failure_files = (failures
-                   | 'AllFailures' >> beam.Flatten()
-                   | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag))
+  all_failures = failures | 'AllFailures' >> beam.Flatten()
+  failure_files = all_failures | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag)
+  failure_reasons = all_failures | 'FailureReasons' >> beam.CombineGlobally(FailureReasons())
   all_facts = facts | 'AllCounts' >> beam.Flatten()
   all_infos = index_infos | 'AllIndexes' >> beam.Flatten()
   # Side inputs are complete before the manifest step runs, so the manifest is written
@@ -144,6 +179,7 @@ def build_pipeline(pipeline, config: JobConfig):
       pipeline
       | 'ManifestTrigger' >> beam.Create([None])
       | 'WriteManifest' >> beam.Map(
-          lambda _, facts, infos, unused_failure_files: write_manifest(config, facts, infos),
+          lambda _, facts, infos, unused_failure_files, reasons: write_manifest(
+              config, facts, infos, reasons),
           beam.pvalue.AsList(all_facts), beam.pvalue.AsList(all_infos),
-          beam.pvalue.AsList(failure_files)))
+          beam.pvalue.AsList(failure_files), beam.pvalue.AsSingleton(failure_reasons)))

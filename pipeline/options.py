@@ -1,10 +1,12 @@
 """The job's command line: our flags, their checks, and the Beam options passed through."""
 
 import argparse
+import difflib
 import os
+import time
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipeline.graph import JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
@@ -18,9 +20,35 @@ class UsageError(ValueError):
   """A command-line mistake, reported as one line before any work starts."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+  """Reports a mistake as one line on stderr and exit status 2, without the usage block
+  (the line itself says what to change; --help lists every flag)."""
+
+  def error(self, message):
+    self.exit(2, '%s: error: %s\n' % (self.prog, message))
+
+
+def whole_number(minimum, example):
+  """argparse type: an integer of at least `minimum`, with an example when it is not."""
+  def parse(text):
+    try:
+      value = int(text)
+    except ValueError:
+      value = None
+    if value is None or value < minimum:
+      raise argparse.ArgumentTypeError(
+          'expected a whole number of at least %d, got %r (example: %s)'
+          % (minimum, text, example))
+    return value
+  return parse
+
+
+DEFAULT_PROGRESS_SECONDS = 30
+
+
 def build_parser():
-  parser = argparse.ArgumentParser(
-      prog='run_pipeline.py',
+  parser = OneLineErrorParser(
+      prog='run_pipeline.py', allow_abbrev=False,
       description='Embed images with MobileNet feature-vector models on Apache Beam, '
                   'write the embeddings to Parquet and build a FAISS index. Every '
                   'standard Beam pipeline option (--runner, --direct_num_workers, '
@@ -28,27 +56,41 @@ def build_parser():
   group = parser.add_argument_group('image-embedding options')
   group.add_argument(
       '--input', action='append', required=True, metavar='PATTERN',
-      help="glob pattern of input files on any Beam filesystem; may repeat. "
-           "Example: --input 'photos/**/*.jpg' --input 'gs://bucket/shards/*.tar'")
+      help="glob pattern of input files on any Beam filesystem; may repeat (required, "
+           "no default). Example: --input 'photos/**/*.jpg' --input "
+           "'gs://bucket/shards/*.tar'")
   group.add_argument(
       '--input_format', choices=INPUT_FORMATS, default='auto',
       help='files (one image per file), tfrecord (tf.train.Example with image/encoded), '
            'webdataset (img2dataset tar shards), or auto by file extension '
-           '(default: %(default)s)')
+           '(default: %(default)s). Example: --input_format webdataset')
   group.add_argument('--output', required=True, metavar='DIR',
-                     help='output directory, local or gs://. Example: --output out/')
+                     help='output directory, local or gs:// (required, no default). '
+                          'Example: --output out/')
   group.add_argument(
       '--model', action='append', metavar='SPEC',
       help='a registry name (%s) or NAME=HANDLE, HANDLE being a hub URL, a SavedModel '
            'directory or a .tflite file, optionally followed by #TENSOR (TFLite); may '
            'repeat (default: %s). Example: --model v1=/models/v1_050_160'
            % (', '.join(sorted(SEED_MODELS)), DEFAULT_MODEL))
-  group.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE, metavar='N',
-                     help='images per model call (default: %(default)s)')
-  group.add_argument('--intra_op_threads', type=int, default=None, metavar='N',
+  group.add_argument('--batch_size', type=whole_number(1, '--batch_size 64'),
+                     default=DEFAULT_BATCH_SIZE, metavar='N',
+                     help='images per model call (default: %(default)s). '
+                          'Example: --batch_size 128')
+  group.add_argument('--intra_op_threads', type=whole_number(1, '--intra_op_threads 1'),
+                     default=None, metavar='N',
                      help='TensorFlow/TFLite threads per worker process (default: the '
                           "library's own choice). Example: --intra_op_threads 1")
   add_output_dir_flags(group)
+  group.add_argument(
+      '--progress_seconds', type=whole_number(0, '--progress_seconds 10'),
+      default=DEFAULT_PROGRESS_SECONDS, metavar='S',
+      help='seconds between progress lines when stderr is not a terminal; on a terminal '
+           'the line is redrawn every 2 seconds; 0 turns progress off (default: '
+           '%(default)s). Example: --progress_seconds 10')
+  group.add_argument('--no_report', action='store_true',
+                     help='do not write OUT/report.html at the end (default: write it). '
+                          'Example: --no_report')
   return parser
 
 
@@ -57,11 +99,79 @@ def add_output_dir_flags(group):
       '--resume', action='store_true',
       help='continue an interrupted or completed run in --output: embed only the inputs '
            'that have no embedding in its completed files, retry its failures, and '
-           'rebuild the indexes and manifest over everything')
+           'rebuild the indexes and manifest over everything (default: off). '
+           'Example: --resume')
   group.add_argument(
       '--overwrite', action='store_true',
       help='delete the earlier run in --output first (without --resume or --overwrite, '
-           'an --output holding a run is refused)')
+           'an --output holding a run is refused; default: off). Example: --overwrite')
+
+
+def _beam_parser():
+  """A parser of every Beam pipeline option, reporting a mistake as a UsageError."""
+
+  class Parser(_BeamArgumentParser):
+
+    def error(self, message):
+      raise UsageError(message)
+
+  parser = Parser(allow_abbrev=False)
+  classes = {}
+  for cls in PipelineOptions.__subclasses__():
+    classes.setdefault(str(cls), cls)  # the same class can be listed twice
+  for cls in classes.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
+def _option_names(parser):
+  return [name for action in parser._actions  # pylint: disable=protected-access
+          for name in action.option_strings if name.startswith('--')]
+
+
+def check_beam_args(beam_args, our_parser):
+  """Beam's options, checked the way Beam parses them. Beam itself drops an unknown or
+  misspelled flag with a warning and runs on without it, and reports a bad value with a
+  page of usage text; here both become one UsageError."""
+  parser = _beam_parser()
+  known, unknown = parser.parse_known_args(beam_args)
+  if unknown:
+    flag = next((arg for arg in unknown if arg.startswith('-')), unknown[0])
+    if not flag.startswith('-'):
+      raise UsageError('unexpected argument %r: quote glob patterns so that the shell '
+                       "does not expand them (--input 'photos/*.jpg'), and give each "
+                       'value after its flag' % flag)
+    name = flag.split('=', 1)[0]
+    close = difflib.get_close_matches(name, _option_names(our_parser) + _option_names(
+        parser), n=1)
+    raise UsageError('unknown flag %s%s (run_pipeline.py --help lists ours; every '
+                     'standard Beam pipeline option is accepted too)'
+                     % (name, ': did you mean %s?' % close[0] if close else ''))
+  if known.runner:
+    from apache_beam.runners.runner import create_runner  # pylint: disable=import-outside-toplevel
+    try:
+      create_runner(known.runner)
+    except (ValueError, ImportError) as e:
+      raise UsageError('--runner %s: %s' % (known.runner, e)) from e
+
+
+def check_output(out_dir):
+  """A local --output must be (or become) a directory this user can write to. Remote
+  outputs (gs://) are checked by the first write, since probing one needs credentials
+  that a dry run does not have."""
+  if '://' in out_dir:
+    return
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UsageError('--output %s is a file, not a directory: give a directory path'
+                     % out_dir)
+  existing = out_dir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError('--output %s cannot be created: %s is a file' % (out_dir, existing))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError('--output %s cannot be written: no write permission on %s; choose '
+                     'a directory you can write to' % (out_dir, existing))
 
 
 def _check_patterns(patterns):
@@ -73,10 +183,7 @@ def _check_patterns(patterns):
 def make_config(args, probe=probe_model):
   """Parsed flags -> JobConfig; checks inputs and loads every model once, so that any
   mistake stops the job before work starts. Raises UsageError."""
-  if args.batch_size < 1:
-    raise UsageError('--batch_size must be at least 1, not %d' % args.batch_size)
-  if args.intra_op_threads is not None and args.intra_op_threads < 1:
-    raise UsageError('--intra_op_threads must be at least 1')
+  check_output(normalize_pattern(args.output))
   patterns = [normalize_pattern(p) for p in args.input]
   try:
     _check_patterns(patterns)
@@ -103,13 +210,18 @@ def make_config(args, probe=probe_model):
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
-      options={k: v for k, v in vars(args).items()}, started_at=utc_now(), resume=resume)
+      options={k: v for k, v in vars(args).items()}, started_at=utc_now(),
+      started_unix=time.time(), resume=resume)
 
 
 def parse_command_line(argv):
   """argv -> (parsed flags of ours, Beam PipelineOptions of the rest)."""
   parser = build_parser()
   args, beam_args = parser.parse_known_args(argv)
+  try:
+    check_beam_args(beam_args, parser)
+  except UsageError as e:
+    parser.error(str(e))
   return parser, args, PipelineOptions(beam_args)
 
 

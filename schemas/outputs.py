@@ -1,6 +1,7 @@
 """Where every output file lives and what its columns are: the single source of truth."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ EMBEDDINGS_DIR = 'embeddings'
 INDEX_FILE = 'index.faiss'
 INDEX_IDS_FILE = 'index_ids.parquet'
 INDEX_INFO_FILE = 'index_info.json'
+REPORT_FILE = 'report.html'
 PART_PREFIX = 'part'
 PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
 # Suffix of a file being written; renamed to its final name once complete.
@@ -162,6 +164,24 @@ def parquet_embedding_dim(path):
   """The vector length of an embeddings Parquet file, from its schema alone."""
   with FileSystems.open(path) as f:
     return pq.read_schema(f).field('embedding').type.list_size
+
+
+def read_parquet_sample(paths, columns, limit):
+  """Up to `limit` rows, taken evenly from the start of each file (whole record batches,
+  so a large run is not read in full)."""
+  tables = []
+  per_file = math.ceil(limit / max(len(paths), 1))
+  for path in paths:
+    with FileSystems.open(path) as f:
+      batches, rows = [], 0
+      for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= per_file:
+          break
+      if batches:
+        tables.append(pa.Table.from_batches(batches).slice(0, per_file))
+  return pa.concat_tables(tables) if tables else None
 
 
 def matching_paths(pattern):

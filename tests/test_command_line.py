@@ -57,3 +57,73 @@ def test_missing_local_model(one_photo):
                    '--model', 'x=%s' % (one_photo / 'nothing-here'))
   assert result.returncode == 2
   assert 'no SavedModel at' in error_line(result)
+
+
+def run_in_process(argv, capsys):
+  """run_pipeline.main in this process: -> (exit status, stderr lines)."""
+  import run_pipeline  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(argv)
+  return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (['--batch_size', '0'], 'argument --batch_size: expected a whole number of at least 1, '
+                            "got '0' (example: --batch_size 64)"),
+    (['--batch_size', 'many'], "got 'many'"),
+    (['--intra_op_threads', '-1'], 'example: --intra_op_threads 1'),
+    (['--progress_seconds', 'soon'], 'example: --progress_seconds 10'),
+    (['--input_format', 'zip'], "invalid choice: 'zip'"),
+    (['--direct_num_worker', '2'], 'unknown flag --direct_num_worker: did you mean '
+                                   '--direct_num_workers?'),
+    (['--batch', '8'], 'unknown flag --batch: did you mean --batch_size?'),
+    (['--direct_running_mode', 'fast'], "argument --direct_running_mode: invalid choice: "
+                                        "'fast'"),
+    (['--direct_num_workers', 'two'], "argument --direct_num_workers: invalid int value"),
+    (['--runner', 'SpeedyRunner'], '--runner SpeedyRunner: Unexpected pipeline runner'),
+])
+def test_bad_flag_values_stop_with_one_line(one_photo, capsys, flags, expected):
+  out = one_photo / 'out'
+  status, lines = run_in_process(
+      ['--input', str(one_photo / '*.jpg'), '--output', str(out)] + flags, capsys)
+  assert status == 2
+  assert len(lines) == 1 and lines[0].startswith('run_pipeline.py: error: '), lines
+  assert expected in lines[0]
+  assert not out.exists()
+
+
+def test_unquoted_glob_expanded_by_the_shell(one_photo, capsys):
+  (one_photo / 'b.jpg').write_bytes((one_photo / 'a.jpg').read_bytes())
+  status, lines = run_in_process(['--input', str(one_photo / 'a.jpg'), str(one_photo / 'b.jpg'),
+                                  '--output', str(one_photo / 'out')], capsys)
+  assert status == 2 and len(lines) == 1
+  assert 'quote glob patterns' in lines[0] and 'b.jpg' in lines[0]
+
+
+def test_output_blocked_by_a_file(one_photo, capsys):
+  status, lines = run_in_process(['--input', str(one_photo / '*.jpg'),
+                                  '--output', str(one_photo / 'a.jpg' / 'out')], capsys)
+  assert status == 2 and len(lines) == 1
+  assert lines[0].endswith('cannot be created: %s is a file' % (one_photo / 'a.jpg'))
+  status, lines = run_in_process(['--input', str(one_photo / '*.jpg'),
+                                  '--output', str(one_photo / 'a.jpg')], capsys)
+  assert status == 2 and 'is a file, not a directory' in lines[0]
+
+
+def test_help_lists_our_flags_with_default_and_example(capsys):
+  from pipeline.options import build_parser  # pylint: disable=import-outside-toplevel
+  parser = build_parser()
+  with pytest.raises(SystemExit) as exit_info:
+    parser.parse_args(['--help'])
+  assert exit_info.value.code == 0
+  text = ' '.join(capsys.readouterr().out.split())
+  assert 'image-embedding options:' in text
+  group = next(g for g in parser._action_groups  # pylint: disable=protected-access
+               if g.title == 'image-embedding options')
+  flags = [a.option_strings[0] for a in group._group_actions]  # pylint: disable=protected-access
+  assert {'--input', '--output', '--model', '--batch_size', '--progress_seconds',
+          '--no_report'} <= set(flags)
+  for action in group._group_actions:  # pylint: disable=protected-access
+    help_text = ' '.join(action.help.split())
+    assert 'Example: %s' % action.option_strings[0] in help_text, action.option_strings
+    assert 'default' in help_text, action.option_strings

@@ -16,6 +16,7 @@ from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from schemas.records import FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord
 from transforms.failures import route_failures
+from transforms.metrics import INPUT_FILES_READ, RunMetrics
 
 INPUT_FORMATS = ('auto', 'files', 'tfrecord', 'webdataset')
 TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrec', '.tfrecord.gz', '.tfrecords.gz')
@@ -265,22 +266,26 @@ def read_path(path, root, input_format):
 
 class _ReadDoFn(beam.DoFn):
 
-  def __init__(self, root, input_format):
+  def __init__(self, root, input_format, metrics=None):
     self._root = root
     self._input_format = input_format
+    self._metrics = metrics or RunMetrics()
 
   def process(self, path):
-    return route_failures(read_path(path, self._root, self._input_format))
+    yield from route_failures(read_path(path, self._root, self._input_format))
+    # Once every matched file is read, the progress line knows the total image count.
+    self._metrics.inc(INPUT_FILES_READ)
 
 
 class ReadImages(beam.PTransform):
   """Input patterns -> PCollection of ImageRecord, with tagged output 'failures'."""
 
-  def __init__(self, patterns, input_format='auto', root=None):
+  def __init__(self, patterns, input_format='auto', root=None, metrics=None):
     super().__init__()
     self._patterns = list(patterns)
     self._input_format = input_format
     self._root = common_root(self._patterns) if root is None else root
+    self._metrics = metrics
 
   def expand(self, pbegin):
     return (
@@ -291,7 +296,7 @@ class ReadImages(beam.PTransform):
         # Distinct drops files matched by two patterns and spreads the paths across
         # workers before the (I/O-bound) reads.
         | 'Distinct' >> beam.Distinct()
-        | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format))
+        | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format, self._metrics))
         .with_outputs(FAILURES_TAG, main='images'))
 
 

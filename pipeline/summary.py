@@ -1,0 +1,59 @@
+"""The run summary printed at the end: the manifest's figures as a short text table."""
+
+from pipeline.progress import format_duration
+from schemas import outputs
+
+ALL_MODELS = 'all models'
+
+
+def _table(header, rows, right_aligned):
+  """Text columns; the columns numbered in right_aligned (numbers) are right-aligned."""
+  widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+  lines = []
+  for row in [header] + rows:
+    cells = [str(cell).rjust(width) if i in right_aligned else str(cell).ljust(width)
+             for i, (cell, width) in enumerate(zip(row, widths))]
+    lines.append('  '.join(cells).rstrip())
+  return lines
+
+
+def failure_reason_text(entry):
+  return '%s %s' % (entry['stage'], entry['error'])
+
+
+def format_summary(manifest, out_dir, with_report=True):
+  """The manifest -> the lines printed when the run ends: per model images embedded,
+  failures and throughput; failures by reason with a count and an example; wall time;
+  where the outputs are."""
+  counts = manifest['counts']
+  timing = manifest.get('throughput') or {}
+  per_model_rate = timing.get('models', {})
+  rows = [[name, format(model['embedded'], ','), format(model['failed'], ','),
+           '%.1f' % per_model_rate[name] if name in per_model_rate else '-']
+          for name, model in counts['models'].items()]
+  lines = ['run summary'] + ['  ' + line for line in _table(
+      ['model', 'embedded', 'failed', 'images/s'], rows, (1, 2, 3))]
+  reasons = manifest.get('failures_by_reason') or []
+  if reasons:
+    lines.append('failures by reason')
+    reason_rows = []
+    for entry in reasons:
+      example = entry['examples'][0] if entry['examples'] else {}
+      reason_rows.append([format(entry['count'], ','), failure_reason_text(entry),
+                          entry['model'] or ALL_MODELS,
+                          '%s: %s' % (example.get('key', ''), example.get('message', ''))])
+    lines.extend('  ' + line for line in _table(
+        ['count', 'reason', 'model', 'first example'], reason_rows, (0,)))
+  else:
+    lines.append('failures: none')
+  if timing:
+    lines.append('%s images read in %s (%.1f images/s)' % (
+        format(counts['read'], ','), format_duration(timing['wall_seconds']),
+        timing['images_per_second']))
+  lines.append('outputs in %s:' % out_dir)
+  where = [outputs.MANIFEST_FILE] + ([outputs.REPORT_FILE] if with_report else []) + [
+      outputs.FAILURES_DIR + '/'] + [
+               '%s/  (%s/, %s)' % (name, outputs.EMBEDDINGS_DIR, outputs.INDEX_FILE)
+               for name in counts['models']]
+  lines.extend('  ' + item for item in where)
+  return '\n'.join(lines)
