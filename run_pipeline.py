@@ -11,6 +11,7 @@ def main(argv=None):
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.options import pipeline_options as beam_options  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_pipeline  # pylint: disable=import-outside-toplevel
+  from pipeline import runners  # pylint: disable=import-outside-toplevel
   from pipeline.resume import prepare_output_dir  # pylint: disable=import-outside-toplevel
   from pipeline.progress import live_progress  # pylint: disable=import-outside-toplevel
   from pipeline.summary import format_summary  # pylint: disable=import-outside-toplevel
@@ -18,16 +19,26 @@ def main(argv=None):
 
   parser, args, pipeline_options = parse_command_line(sys.argv[1:] if argv is None else argv)
   try:
+    # Beam checks its own options here (project, temp_location, ...): before the models load.
+    pipeline = beam.Pipeline(options=pipeline_options)
+  except ValueError as e:
+    parser.error(' '.join(str(e).split()))
+  try:
     config = make_config(args)
   except UsageError as e:
     parser.error(str(e))  # one line and exit status 2
-  prepare_output_dir(config.out_dir, config.resume, args.overwrite)
-  pipeline = beam.Pipeline(options=pipeline_options)
+  config = config._replace(options=dict(
+      config.options, beam=runners.beam_options_record(pipeline_options)))
+  if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
+    prepare_output_dir(config.out_dir, config.resume, args.overwrite)
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
   with live_progress(config, runner, args.progress_seconds) as metrics:
     build_pipeline(pipeline, config, metrics)
     result = pipeline.run()
     result.wait_until_finish()
+  if args.dry_run:
+    print(runners.dry_run_summary(result))
+    return result
   manifest_path = outputs.output_path(config.out_dir, outputs.MANIFEST_FILE)
   if outputs.FileSystems.exists(manifest_path):
     if not args.no_report:

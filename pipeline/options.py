@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from pipeline.graph import JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import OutputDirError, check_output_dir, resume_state
+from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.models import ModelUnavailableError, probe_model
 from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
@@ -91,7 +92,19 @@ def build_parser():
   group.add_argument('--no_report', action='store_true',
                      help='do not write OUT/report.html at the end (default: write it). '
                           'Example: --no_report')
+  group.add_argument(
+      '--dry_run', nargs='?', const=True, default=False, type=_true_or_false,
+      metavar='True|False',
+      help='with --runner DataflowRunner: build the complete Dataflow job, then stop '
+           'without staging or submitting anything (offline with --no_auth)')
   return parser
+
+
+def _true_or_false(text):
+  # Beam's own --dry_run takes any string, so that "--dry_run=False" would mean True.
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  raise argparse.ArgumentTypeError('expected True or False, not %r' % text)
 
 
 def add_output_dir_flags(group):
@@ -220,9 +233,11 @@ def parse_command_line(argv):
   args, beam_args = parser.parse_known_args(argv)
   try:
     check_beam_args(beam_args, parser)
-  except UsageError as e:
+    if args.dry_run:
+      beam_args = with_dry_run(beam_args)
+  except (UsageError, RunnerUsageError) as e:
     parser.error(str(e))
-  return parser, args, PipelineOptions(beam_args)
+  return parser, args, PipelineOptions(with_local_defaults(beam_args))
 
 
 def quiet_tensorflow():

@@ -10,6 +10,7 @@ import time
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.runners import short_runner_name
 from transforms import metrics as run_metrics
 from transforms.read import format_of
 
@@ -19,7 +20,7 @@ TERMINAL_REFRESH_SECONDS = 2
 RATE_WINDOW_SECONDS = 60
 # Runners whose workers do not share the launcher's disk: no progress files there; their
 # job page shows the same figures as Beam counters.
-REMOTE_RUNNERS = ('DataflowRunner', 'TestDataflowRunner')
+REMOTE_RUNNERS = ('dataflow', 'testdataflow')  # as runners.short_runner_name gives them
 
 
 def count_input_files(patterns, input_format):
@@ -163,7 +164,7 @@ class ProgressReporter:
 def live_progress(config, runner, interval):
   """Around a run: yields the RunMetrics the graph counts into, with a progress folder
   and a progress line when the workers share this machine's disk and interval > 0."""
-  if not interval or (runner or '').rsplit('.', 1)[-1] in REMOTE_RUNNERS:
+  if not interval or short_runner_name(runner) in REMOTE_RUNNERS:
     yield run_metrics.RunMetrics()
     return
   progress_dir = tempfile.mkdtemp(prefix='embedding-progress-')

@@ -7,6 +7,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import outputs
+from transforms.models import tensorflow_reads
 
 
 class OutputDirError(ValueError):
@@ -21,9 +22,17 @@ class ResumeState(NamedTuple):
 
 
 def _glob_paths(pattern):
-  # tf.io.gfile lists directories too (Beam's match lists files only), on any filesystem.
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return sorted(tf.io.gfile.glob(pattern))
+  """Files and directories matching a glob, on any filesystem. TensorFlow lists both
+  (Beam's match lists files only); on a filesystem only Beam knows, a directory is what
+  object stores make of it: the common prefix of the files under it."""
+  if tensorflow_reads(pattern):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    return sorted(tf.io.gfile.glob(pattern))
+  depth = pattern.rstrip('/').count('/')
+  found = set(outputs.matching_paths(pattern))
+  found.update('/'.join(path.split('/')[:depth + 1])
+               for path in outputs.matching_paths(pattern.rstrip('/') + '/**'))
+  return sorted(found)
 
 
 def unfinished_leftovers(out_dir):
@@ -54,7 +63,13 @@ def delete_paths(paths):
   """Deletes files and (recursively) directories on any Beam filesystem."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   for path in paths:
-    if tf.io.gfile.isdir(path):
+    if not tensorflow_reads(path):
+      # A directory is a prefix there: its files go, and with them the directory.
+      doomed = outputs.matching_paths(path.rstrip('/') + '/**')
+      doomed += [path] if FileSystems.exists(path) else []
+      if doomed:
+        FileSystems.delete(doomed)
+    elif tf.io.gfile.isdir(path):
       # Beam's local filesystem deletes the files under a directory, not the directory.
       tf.io.gfile.rmtree(path)
     elif FileSystems.exists(path):

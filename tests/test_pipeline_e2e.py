@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import query_index
 import run_pipeline
+from pipeline.runners import local_cores
 from schemas import outputs
 from transforms.decode import decode_image
 
@@ -41,15 +42,20 @@ def direct_tflite(handle, pixels):
   return interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
 
 
-@pytest.fixture(scope='module')
-def three_model_run(tmp_path_factory, photo_tree, test_models):
-  root, paths, corrupt = photo_tree
-  out = tmp_path_factory.mktemp('three_model_run') / 'out'
+def three_model_job(root, out, test_models, *beam_args):
   run_job('--input', str(root / '**' / '*.jpg'), '--input', str(root / '**' / '*.png'),
           '--output', str(out), '--batch_size', '4',
           '--model', 'v3=' + test_models['v3_tf2'],
           '--model', 'mobilenet_v1_050_160=' + test_models['v1_tf1'],
-          '--model', 'v2=' + test_models['v2_tflite'])
+          '--model', 'v2=' + test_models['v2_tflite'], *beam_args)
+
+
+@pytest.fixture(scope='module')
+def three_model_run(tmp_path_factory, photo_tree, test_models):
+  """The default local run: DirectRunner, one worker process per core."""
+  root, paths, corrupt = photo_tree
+  out = tmp_path_factory.mktemp('three_model_run') / 'out'
+  three_model_job(root, out, test_models)
   return out, root, paths, corrupt
 
 
@@ -92,14 +98,9 @@ def test_rows_match_schema_keys_and_labels(three_model_run):
     assert (row['width'], row['height']) == Image.open(source).size
 
 
-@pytest.mark.parametrize('name,direct,size', [
-    ('v3', direct_tf2, 224), ('mobilenet_v1_050_160', direct_tf1, 160),
-    ('v2', direct_tflite, 224)])
-def test_pipeline_equals_direct_model_call(three_model_run, test_models, name, direct, size):
-  out, root, _, _ = three_model_run
-  handle = {'v3': test_models['v3_tf2'], 'mobilenet_v1_050_160': test_models['v1_tf1'],
-            'v2': test_models['v2_tflite']}[name]
-  table = read_embeddings(out, name)
+def assert_rows_equal_direct_call(table, root, direct, handle, size):
+  """Embedding rows equal a direct call of the model on the same decoded pixels of the
+  images under root (within float tolerance)."""
   keys = table.column('key').to_pylist()
   pixels = np.stack([decode_image((root / key).read_bytes(), [(size, size)])[2][(size, size)]
                      for key in keys])
@@ -107,6 +108,39 @@ def test_pipeline_equals_direct_model_call(three_model_run, test_models, name, d
   got = np.stack(table.column('embedding').to_numpy(zero_copy_only=False))
   assert got.shape == expected.shape
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize('name,direct,size', [
+    ('v3', direct_tf2, 224), ('mobilenet_v1_050_160', direct_tf1, 160),
+    ('v2', direct_tflite, 224)])
+def test_pipeline_equals_direct_model_call(three_model_run, test_models, name, direct, size):
+  out, root, _, _ = three_model_run
+  handle = {'v3': test_models['v3_tf2'], 'mobilenet_v1_050_160': test_models['v1_tf1'],
+            'v2': test_models['v2_tflite']}[name]
+  assert_rows_equal_direct_call(read_embeddings(out, name), root, direct, handle, size)
+
+
+def test_default_run_uses_a_worker_process_per_core(three_model_run):
+  out, *_ = three_model_run
+  beam_options = json.loads((out / 'manifest.json').read_text())['options']['beam']
+  assert beam_options['direct_running_mode'] == 'multi_processing'
+  assert beam_options['direct_num_workers'] == local_cores()
+
+
+def test_in_process_mode_gives_the_same_rows(three_model_run, tmp_path, test_models):
+  out, root, _, _ = three_model_run
+  in_process = tmp_path / 'in_process'
+  three_model_job(root, in_process, test_models, '--direct_running_mode', 'in_memory')
+  for name in ('v3', 'mobilenet_v1_050_160', 'v2'):
+    multi, single = read_embeddings(out, name), read_embeddings(in_process, name)
+    assert multi.column('key').to_pylist() == single.column('key').to_pylist()
+    assert multi.drop(['embedding']).equals(single.drop(['embedding']))
+    vectors = [np.stack(t.column('embedding').to_numpy(zero_copy_only=False))
+               for t in (multi, single)]
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5,
+                               atol=1e-5 * np.abs(vectors[1]).max())
+  assert (json.loads((in_process / 'manifest.json').read_text())['counts'] ==
+          json.loads((out / 'manifest.json').read_text())['counts'])
 
 
 def test_query_finds_each_image_itself(three_model_run):

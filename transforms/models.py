@@ -1,8 +1,10 @@
 """Loading embedding models of every supported format behind one call: uint8 pixels -> vectors."""
 
+import atexit
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import threading
@@ -81,6 +83,52 @@ def resolve_hub_handle(handle, timeout=HUB_DOWNLOAD_TIMEOUT_S):
 def _tf():
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return tf
+
+
+_LOCAL_COPIES = {}  # remote SavedModel directory -> its copy on this machine
+_LOCAL_COPIES_LOCK = threading.Lock()
+
+
+def scheme_of(path):
+  return path.split('://', 1)[0] if '://' in path else ''
+
+
+def tensorflow_reads(path):
+  """Whether TensorFlow's own file functions reach this path (local and gs:// do; other
+  schemes may be known to Beam only)."""
+  return scheme_of(path) in _tf().io.gfile.get_registered_schemes()
+
+
+def copy_tree_to_local(directory):
+  """Copies every file under a directory on any Beam filesystem into a new local temporary
+  directory (removed when the process exits); returns the local directory."""
+  prefix = directory.rstrip('/') + '/'
+  paths = [m.path for m in FileSystems.match([prefix + '**'])[0].metadata_list]
+  if not paths:
+    raise ModelUnavailableError('no SavedModel at %s (the directory is empty or missing)'
+                                % directory)
+  local = tempfile.mkdtemp(prefix='model-')
+  atexit.register(shutil.rmtree, local, True)
+  for path in paths:
+    target = os.path.join(local, *path[len(prefix):].split('/'))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, 'wb') as f:
+      f.write(_read_bytes(path))
+  return local
+
+
+def saved_model_directory(handle):
+  """A directory TensorFlow can load: hub URLs are downloaded, paths on filesystems that
+  only Beam knows (TensorFlow reads local and gs:// itself) are copied here, once per
+  process."""
+  if is_hub_url(handle):
+    return resolve_hub_handle(handle)
+  if tensorflow_reads(handle):
+    return handle
+  with _LOCAL_COPIES_LOCK:
+    if handle not in _LOCAL_COPIES:
+      _LOCAL_COPIES[handle] = copy_tree_to_local(handle)
+    return _LOCAL_COPIES[handle]
 
 
 def saved_model_format(directory):
@@ -233,7 +281,7 @@ def load_embedder(spec: ModelSpec, num_threads=None):
     if spec.tensor:
       raise ModelUnavailableError(
           '#%s: a feature tensor can only be named for a .tflite model' % spec.tensor)
-    directory = resolve_hub_handle(handle) if is_hub_url(handle) else handle
+    directory = saved_model_directory(handle)
     model_format = saved_model_format(directory)
     return TensorFlowEmbedder(directory, model_format, spec.input_size)
   except ModelUnavailableError:

@@ -1,0 +1,87 @@
+"""Runner flags: the all-cores local default, --dry_run's checks, Beam option mistakes."""
+
+import pytest
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+import run_pipeline
+from pipeline.runners import (RunnerUsageError, beam_options_record, local_cores,
+                              runner_name, short_runner_name, with_dry_run,
+                              with_local_defaults)
+
+
+def direct_options(beam_args):
+  options = PipelineOptions(with_local_defaults(beam_args)).view_as(DirectOptions)
+  return options.direct_running_mode, options.direct_num_workers
+
+
+@pytest.mark.parametrize('beam_args', [[], ['--runner', 'DirectRunner'], ['--runner=direct']])
+def test_direct_runner_defaults_to_a_process_per_core(beam_args):
+  assert direct_options(beam_args) == ('multi_processing', local_cores())
+
+
+@pytest.mark.parametrize('beam_args,expected', [
+    (['--direct_num_workers', '3'], ('in_memory', 3)),
+    (['--direct_num_workers=1'], ('in_memory', 1)),
+    (['--direct_running_mode', 'in_memory'], ('in_memory', 1)),
+    (['--direct_running_mode=multi_threading', '--direct_num_workers=4'],
+     ('multi_threading', 4))])
+def test_user_choice_of_direct_mode_is_kept_as_given(beam_args, expected):
+  assert direct_options(beam_args) == expected
+
+
+@pytest.mark.parametrize('runner', ['DataflowRunner', 'PortableRunner', 'FlinkRunner'])
+def test_other_runners_get_no_direct_flags(runner):
+  assert with_local_defaults(['--runner', runner]) == ['--runner', runner]
+
+
+def test_short_runner_names_of_every_spelling():
+  for spelling in ('DataflowRunner', 'dataflow', 'Dataflow',
+                   'apache_beam.runners.dataflow.dataflow_runner.DataflowRunner'):
+    assert short_runner_name(spelling) == 'dataflow'
+  assert short_runner_name(None) == 'direct'
+
+
+def test_runner_names():
+  assert [runner_name(a) for a in ([], ['--runner=DataflowRunner'], ['--runner', 'dataflow'],
+                                   ['--runner', 'PortableRunner'])] == [
+      'direct', 'dataflow', 'dataflow', 'portable']
+
+
+def test_dry_run_only_for_dataflow():
+  assert with_dry_run(['--runner', 'DataflowRunner'])[-1] == '--dry_run=True'
+  with pytest.raises(RunnerUsageError, match='DataflowRunner'):
+    with_dry_run(['--runner', 'DirectRunner'])
+
+
+def exit_line(capsys, argv):
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(argv)
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith('run_pipeline.py:')]
+  assert exit_info.value.code == 2 and len(lines) == 1
+  return lines[0]
+
+
+def test_dry_run_on_the_direct_runner_stops_before_work(tmp_path, capsys):
+  line = exit_line(capsys, ['--input', str(tmp_path / '*.jpg'), '--output', str(tmp_path / 'o'),
+                            '--dry_run'])
+  assert '--dry_run needs --runner DataflowRunner' in line
+
+
+def test_dry_run_takes_true_or_false_only(capsys):
+  line = exit_line(capsys, ['--input', 'x', '--output', 'y', '--dry_run=maybe'])
+  assert 'expected True or False' in line
+
+
+def test_beam_option_mistake_is_one_line(tmp_path, capsys):
+  # Checked by Beam before any model loads; 'p' is not a valid project id.
+  line = exit_line(capsys, [
+      '--input', str(tmp_path / '*.jpg'), '--output', 'gs://my-bucket/out',
+      '--runner', 'DataflowRunner', '--project', 'p', '--region', 'europe-west4',
+      '--temp_location', 'gs://my-bucket/tmp', '--dry_run', '--no_auth'])
+  assert 'Invalid Project ID (p)' in line
+
+
+def test_beam_options_record_is_plain_json():
+  record = beam_options_record(PipelineOptions(
+      ['--runner', 'DataflowRunner', '--num_workers', '3', '--experiments', 'a']))
+  assert record == {'runner': 'DataflowRunner', 'num_workers': 3, 'experiments': ['a']}
