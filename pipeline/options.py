@@ -96,7 +96,8 @@ def build_parser():
       '--dry_run', nargs='?', const=True, default=False, type=_true_or_false,
       metavar='True|False',
       help='with --runner DataflowRunner: build the complete Dataflow job, then stop '
-           'without staging or submitting anything (offline with --no_auth)')
+           'without staging or submitting anything (default: off). Example: --dry_run '
+           '--no_auth (offline)')
   return parser
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import imagegen
 import run_pipeline
+from conftest import IN_PROCESS
 from test_read import example, write_tfrecord
 
 EMBEDDED = 'embedded'
@@ -133,7 +134,7 @@ def bad_input_run(tmp_path_factory, test_models):
   run_pipeline.main(['--input', str(files / '*'), '--input', str(root / 'shards' / '*'),
                      '--output', str(out), '--batch_size', '8',
                      '--model', 'v1=' + test_models['v1_tf1'],
-                     '--model', 'v3=' + test_models['v3_tf2']])
+                     '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS])
   rows = {model: {r['key']: r for r in pq.read_table(str(out / model / 'embeddings')).to_pylist()}
           for model in MODELS}
   failures = pq.read_table(str(out / 'failures')).to_pylist()

@@ -14,7 +14,7 @@ import pytest
 import imagegen
 import query_index
 import run_pipeline
-from conftest import PROJECT
+from conftest import IN_PROCESS, PROJECT
 from test_read import example, write_tfrecord
 from views import html
 
@@ -45,7 +45,7 @@ def hostile_run(tmp_path_factory, test_models):
   before = _tree(base)
   out = base / 'deep' / 'out'
   run_pipeline.main(['--input', str(inputs / '*'), '--output', str(out),
-                     '--model', 'v1=' + test_models['v1_tf1']])
+                     '--model', 'v1=' + test_models['v1_tf1'], *IN_PROCESS])
   return base, out, before
 
 

@@ -6,14 +6,14 @@ import pytest
 
 import query_index
 import run_pipeline
-from conftest import CORAL_V1_FEATURES
+from conftest import CORAL_V1_FEATURES, IN_PROCESS
 
 
 @pytest.fixture(scope='module')
 def coral_run(tmp_path_factory, coral_v1, coral_images):
   out = tmp_path_factory.mktemp('coral') / 'out'
   run_pipeline.main(['--input', str(coral_images / '*'), '--output', str(out),
-                     '--model', 'v1=%s#%s' % (coral_v1, CORAL_V1_FEATURES)])
+                     '--model', 'v1=%s#%s' % (coral_v1, CORAL_V1_FEATURES), *IN_PROCESS])
   return out, coral_images
 
 

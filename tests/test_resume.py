@@ -15,7 +15,7 @@ import pytest
 
 import imagegen
 import run_pipeline
-from conftest import PROJECT
+from conftest import IN_PROCESS, PROJECT
 from schemas import outputs
 
 IMAGES = 24
@@ -26,7 +26,7 @@ BAD_KEY = 'broken.jpg'
 def job_args(inputs, out, test_models, *extra):
   return ['--input', str(inputs / '*'), '--output', str(out), '--batch_size', '8',
           '--model', 'v1=' + test_models['v1_tf1'], '--model', 'v3=' + test_models['v3_tf2'],
-          *extra]
+          *IN_PROCESS, *extra]
 
 
 def write_images(folder, first, count):

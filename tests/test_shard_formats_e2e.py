@@ -9,6 +9,7 @@ import pytest
 
 import imagegen
 import run_pipeline
+from conftest import IN_PROCESS
 from test_read import example, write_tfrecord
 
 
@@ -32,7 +33,8 @@ def shards(tmp_path_factory):
 def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
   out = tmp_path / 'out'
   run_pipeline.main(['--input', str(shards / '*.tfrecord'), '--input', str(shards / '*.tar'),
-                     '--output', str(out), '--model', 'v1=' + test_models['v1_tf1']])
+                     '--output', str(out), '--model', 'v1=' + test_models['v1_tf1'],
+                     *IN_PROCESS])
   rows = {r['key']: r for r in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist()}
   assert sorted(rows) == ['000000000', '000000001', '000000002'] + [
       'train-00000.tfrecord#%d' % i for i in range(4)]
