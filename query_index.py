@@ -12,8 +12,10 @@ import numpy as np
 
 from schemas import outputs
 from transforms.decode import decode_image
-from transforms.index import embeddings_matrix, load_index, normalize, search
+from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
+                              load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import ModelSpec, ModelUnavailableError, load_embedder
+from views import query_page
 
 
 class QueryError(ValueError):
@@ -33,10 +35,26 @@ def build_parser():
                      help='query image (any Beam filesystem path); may repeat')
   group.add_argument('--key', action='append', default=[], metavar='KEY',
                      help='key of an image already in the run; may repeat')
-  group.add_argument('--k', type=int, default=10, help='neighbours per query (default: 10)')
-  group.add_argument('--format', choices=('table', 'json'), default='table',
-                     help='output format (default: %(default)s)')
+  group.add_argument('--images_from', action='append', default=[], metavar='FILE',
+                     help='a text file of query image paths, one per line; may repeat')
+  group.add_argument('--k', type=int, default=10,
+                     help='neighbours per query, or per image with --duplicates '
+                          '(default: 10)')
+  group.add_argument('--duplicates', action='store_true',
+                     help='list groups of near-duplicate images of the run instead')
+  group.add_argument('--threshold', type=float, default=DEFAULT_THRESHOLD,
+                     help='with --duplicates: the cosine similarity from which two images '
+                          'count as near-duplicates (default: %(default)s)')
+  group.add_argument('--format', choices=('table', 'json', 'html'), default='table',
+                     help='output format; html is one self-contained page with '
+                          'thumbnails (default: %(default)s)')
+  group.add_argument('--out', metavar='FILE',
+                     help='write the output to FILE (any Beam filesystem) instead of stdout')
   return parser
+
+
+DEFAULT_THRESHOLD = 0.95
+DUPLICATE_BATCH_ROWS = 4096
 
 
 def load_manifest(run_dir):
@@ -95,10 +113,21 @@ def stored_vectors(run_dir, model_name, keys):
   return np.stack([found[k] for k in keys])
 
 
+def read_image_list(path):
+  """Query image paths listed in a text file, one per line (blank lines skipped)."""
+  try:
+    with outputs.FileSystems.open(path) as f:
+      text = f.read().decode('utf-8')
+  except Exception as e:  # pylint: disable=broad-except
+    raise QueryError('cannot read --images_from %s: %s' % (path, e)) from e
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def run_queries(run_dir, model_name=None, images=(), keys=(), k=10):
-  """-> a list of {'query': ..., 'neighbors': [...]}, one per query, images first."""
+  """-> a list of {'query', 'query_uri', 'neighbors': [...]}, one per query, images
+  first."""
   if not images and not keys:
-    raise QueryError('give at least one --image or --key')
+    raise QueryError('give at least one --image, --images_from or --key')
   if k < 1:
     raise QueryError('--k must be at least 1')
   manifest = load_manifest(run_dir)
@@ -110,8 +139,44 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10):
     vectors.append(stored_vectors(run_dir, entry['name'], keys))
   index, index_keys, index_uris = load_index(run_dir, entry['name'])
   results = search(index, index_keys, index_uris, normalize(np.concatenate(vectors)), k)
-  return [{'query': query, 'neighbors': neighbors}
-          for query, neighbors in zip(list(images) + list(keys), results)]
+  uri_of = dict(zip(index_keys, index_uris)) if keys else {}
+  query_uris = list(images) + [uri_of.get(key, key) for key in keys]
+  return [{'query': query, 'query_uri': uri, 'neighbors': neighbors}
+          for query, uri, neighbors in zip(list(images) + list(keys), query_uris, results)]
+
+
+def _indexed_batches(run_dir, model_name, index_keys):
+  """(index ids, normalized vectors) of a run's embeddings, batch by batch."""
+  sorted_keys = np.asarray(index_keys, dtype=object)  # index ids follow the keys' order
+  for path in outputs.matching_paths(outputs.embeddings_glob(run_dir, model_name)):
+    for _, batch in iter_embedding_batches(path, DUPLICATE_BATCH_ROWS,
+                                           columns=('key', 'embedding')):
+      keys = np.asarray(batch.column('key').to_pylist(), dtype=object)
+      ids = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+      if not len(sorted_keys) or (sorted_keys[ids] != keys).any():
+        raise QueryError('the index of model %s does not match its embeddings; rebuild it '
+                         'with run_pipeline.py --output %s --index_only' % (model_name, run_dir))
+      yield ids, normalize(embeddings_matrix(batch))
+
+
+def find_duplicates(run_dir, model_name=None, threshold=DEFAULT_THRESHOLD, k=10):
+  """-> groups of near-duplicate images, largest first: {'images': [{'key', 'uri'}],
+  'pairs': [{'keys': [a, b], 'score'}], 'max_score'}."""
+  if k < 1:
+    raise QueryError('--k must be at least 1')
+  entry = choose_model(load_manifest(run_dir), model_name)
+  index, keys, uris = load_index(run_dir, entry['name'])
+  pairs = near_duplicate_pairs(index, _indexed_batches(run_dir, entry['name'], keys),
+                               threshold, k)
+  groups = group_pairs(pairs)
+  group_of = {row: number for number, members in enumerate(groups) for row in members}
+  scored = [[] for _ in groups]
+  for (a, b), score in sorted(pairs.items(), key=lambda item: -item[1]):
+    scored[group_of[a]].append({'keys': [keys[a], keys[b]], 'score': score})
+  groups = [{'images': [{'key': keys[row], 'uri': uris[row]} for row in members],
+             'pairs': group_scores, 'max_score': group_scores[0]['score']}
+            for members, group_scores in zip(groups, scored)]
+  return entry['name'], groups
 
 
 def format_table(results):
@@ -124,18 +189,57 @@ def format_table(results):
   return '\n'.join(lines)
 
 
+def format_duplicates_table(groups):
+  lines = []
+  for number, group in enumerate(groups, 1):
+    lines.append('group %d: %d images, closest pair %.4f' % (
+        number, len(group['images']), group['max_score']))
+    lines.extend('  %s' % image['key'] for image in group['images'])
+  return '\n'.join(lines) if lines else 'no near-duplicates'
+
+
+def render(args, value, model_name):
+  """Results or duplicate groups -> the text of the chosen --format."""
+  if args.format == 'json':
+    return json.dumps(value, indent=2)
+  if args.duplicates:
+    if args.format == 'html':
+      return query_page.duplicates_page(value, args.run, model_name, args.threshold)
+    return format_duplicates_table(value)
+  if args.format == 'html':
+    return query_page.results_page(value, args.run, model_name)
+  return format_table(value)
+
+
+def run_command(args):
+  """Parsed flags -> (results or duplicate groups, model name). Raises QueryError."""
+  if args.duplicates:
+    if args.image or args.key or args.images_from:
+      raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
+                       'or --images_from')
+    model_name, groups = find_duplicates(args.run, args.model, args.threshold, args.k)
+    return groups, model_name
+  images = list(args.image)
+  for path in args.images_from:
+    images += read_image_list(path)
+  results = run_queries(args.run, args.model, images, args.key, args.k)
+  return results, choose_model(load_manifest(args.run), args.model)['name']
+
+
 def main(argv=None):
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
-    results = run_queries(args.run, args.model, args.image, args.key, args.k)
+    value, model_name = run_command(args)
   except QueryError as e:
     parser.error(str(e))
-  if args.format == 'json':
-    print(json.dumps(results, indent=2))
+  text = render(args, value, model_name)
+  if args.out:
+    outputs.write_bytes_atomically(args.out, text.encode('utf-8'), mime_type=(
+        'text/html' if args.format == 'html' else 'text/plain'))
   else:
-    print(format_table(results))
-  return results
+    print(text)
+  return value
 
 
 if __name__ == '__main__':

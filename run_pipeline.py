@@ -3,7 +3,8 @@
 import logging
 import sys
 
-from pipeline.options import UsageError, make_config, parse_command_line, quiet_tensorflow
+from pipeline.options import (UsageError, make_config, make_index_only_config,
+                              parse_command_line, quiet_tensorflow)
 
 
 def main(argv=None):
@@ -18,6 +19,8 @@ def main(argv=None):
   from schemas import outputs  # pylint: disable=import-outside-toplevel
 
   parser, args, pipeline_options = parse_command_line(sys.argv[1:] if argv is None else argv)
+  if args.index_only:
+    return rebuild_indexes(parser, args, pipeline_options)
   try:
     # Beam checks its own options here (project, temp_location, ...): before the models load.
     pipeline = beam.Pipeline(options=pipeline_options)
@@ -57,6 +60,31 @@ def write_report_or_warn(out_dir):
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('report not written (%s: %s); the run is complete, retry with '
                     'python -m views.run_report --run %s', type(e).__name__, e, out_dir)
+
+
+def rebuild_indexes(parser, args, pipeline_options):
+  """--index_only: the index stage alone over a finished run's Parquet."""
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
+  try:
+    config = make_index_only_config(args)
+  except UsageError as e:
+    parser.error(str(e))
+  pipeline = beam.Pipeline(options=pipeline_options)
+  build_index_only_pipeline(pipeline, config)
+  result = pipeline.run()
+  result.wait_until_finish()
+  from schemas import outputs  # pylint: disable=import-outside-toplevel
+  manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
+  if not args.no_report:
+    write_report_or_warn(config.out_dir)  # it shows the index figures
+  for model in manifest['models']:
+    info = model['index'] or {}
+    if model['name'] in config.model_names:
+      print('%s: %s index of %s vectors, recall@10 %s, median latency %s ms' % (
+          model['name'], info.get('factory'), info.get('count'), info.get('recall_at_10'),
+          (info.get('latency_ms') or {}).get('median')))
+  return result
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ from schemas import outputs
 from transforms.decode import PREPROCESSING, DecodeImages
 from transforms.embed import EmbedImages
 from transforms.failures import FailureReasons
-from transforms.index import BuildIndex
+from transforms.index import AUTO, DEFAULT_MEMORY_BUDGET, BuildIndex
 from transforms import metrics as run_metrics
 from transforms.read import ReadImages
 from transforms.write import WriteEmbeddings, WriteFailures
@@ -31,6 +31,8 @@ class JobConfig(NamedTuple):
   started_at: Optional[str] = None
   resume: Optional[tuple] = None  # pipeline.resume.ResumeState when resuming
   started_unix: Optional[float] = None  # time.time() at launch, for the wall time
+  index_type: str = AUTO  # 'auto' or a FAISS factory string
+  index_memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes
 
 
 def utc_now():
@@ -157,7 +159,9 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                           'resumed/' + spec.name, spec.name + ' resumed'))
     index_infos.append(
         written
-        | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name)
+        | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name,
+                                                     config.index_type,
+                                                     config.index_memory_budget)
         | 'Tag[%s]' % spec.name >> beam.Map(lambda info, name=spec.name: (name, info)))
     failures.append(embedded['failures'])
     _count_into(embedded['embeddings'], metrics, run_metrics.embedding_counts(spec.name),
@@ -183,3 +187,46 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
               config, facts, infos, reasons),
           beam.pvalue.AsList(all_facts), beam.pvalue.AsList(all_infos),
           beam.pvalue.AsList(failure_files), beam.pvalue.AsSingleton(failure_reasons)))
+
+
+class IndexOnlyConfig(NamedTuple):
+  """What --index_only needs: a finished run and how to index it."""
+  out_dir: str
+  model_names: Tuple[str, ...]
+  index_type: str
+  index_memory_budget: int
+  options: Optional[dict] = None
+
+
+def refresh_manifest_indexes(out_dir, index_infos, options):
+  """A finished run's manifest with the index info of the rebuilt models replaced."""
+  path = outputs.output_path(out_dir, outputs.MANIFEST_FILE)
+  manifest = outputs.read_json(path)
+  infos = dict(index_infos)
+  for model in manifest['models']:
+    if model['name'] in infos:
+      model['index'] = infos[model['name']]
+  manifest['index_rebuilt'] = {'at': utc_now(), 'options': options or {}}
+  outputs.write_json(path, manifest)
+  return manifest
+
+
+def build_index_only_pipeline(pipeline, config: IndexOnlyConfig):
+  """Rebuilds the indexes of a finished run from its embedding Parquet (no decoding or
+  embedding) through the same BuildIndex stage, then refreshes its manifest."""
+  infos = []
+  for name in config.model_names:
+    paths = outputs.matching_paths(outputs.embeddings_glob(config.out_dir, name))
+    infos.append(
+        pipeline
+        | 'Paths[%s]' % name >> beam.Create(paths)
+        | 'BuildIndex[%s]' % name >> BuildIndex(config.out_dir, name, config.index_type,
+                                                config.index_memory_budget)
+        | 'Tag[%s]' % name >> beam.Map(lambda info, name=name: (name, info)))
+  return (
+      infos
+      | 'AllIndexes' >> beam.Flatten()
+      | 'AllInfos' >> beam.combiners.ToList()
+      | 'RefreshManifest' >> beam.Map(
+          lambda all_infos: refresh_manifest_indexes(config.out_dir, all_infos,
+                                                     config.options)))

@@ -3,16 +3,19 @@
 import argparse
 import difflib
 import os
+import re
 import time
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipeline.graph import JobConfig, utc_now
+from pipeline.graph import IndexOnlyConfig, JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import OutputDirError, check_output_dir, resume_state
 from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
+from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
+from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
 from transforms.models import ModelUnavailableError, probe_model
 from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
 
@@ -56,9 +59,9 @@ def build_parser():
                   '--project, ...) is accepted too.')
   group = parser.add_argument_group('image-embedding options')
   group.add_argument(
-      '--input', action='append', required=True, metavar='PATTERN',
+      '--input', action='append', metavar='PATTERN',
       help="glob pattern of input files on any Beam filesystem; may repeat (required, "
-           "no default). Example: --input 'photos/**/*.jpg' --input "
+           "no default, unless --index_only). Example: --input 'photos/**/*.jpg' --input "
            "'gs://bucket/shards/*.tar'")
   group.add_argument(
       '--input_format', choices=INPUT_FORMATS, default='auto',
@@ -98,6 +101,7 @@ def build_parser():
       help='with --runner DataflowRunner: build the complete Dataflow job, then stop '
            'without staging or submitting anything (default: off). Example: --dry_run '
            '--no_auth (offline)')
+  add_index_flags(parser)
   return parser
 
 
@@ -188,6 +192,77 @@ def check_output(out_dir):
                      'a directory you can write to' % (out_dir, existing))
 
 
+def add_index_flags(parser):
+  group = parser.add_argument_group('index options')
+  group.add_argument(
+      '--index_type', default=AUTO, metavar='auto|FACTORY',
+      help="'auto' chooses the FAISS index from the number of vectors, the dimension and "
+           "--index_memory_budget; or any FAISS factory string (default: %(default)s). "
+           "Example: --index_type 'IVF1024,PQ32'")
+  group.add_argument(
+      '--index_memory_budget', default='4GB', type=parse_bytes, metavar='SIZE',
+      help='memory the index build may use, and the filled index at most 60%% of it '
+           '(default: 4GB). Example: --index_memory_budget 512MB')
+  group.add_argument(
+      '--index_only', action='store_true',
+      help='rebuild the indexes of the finished run in --output from its Parquet, '
+           'without decoding or embedding (default: off). '
+           'Example: --index_only --output out/')
+
+
+_SIZE_UNITS = {'': 1, 'B': 1, 'K': 2**10, 'KB': 2**10, 'M': 2**20, 'MB': 2**20,
+               'G': 2**30, 'GB': 2**30, 'T': 2**40, 'TB': 2**40}
+
+
+def parse_bytes(text):
+  """'4GB', '512M', '1.5G' or a plain number of bytes -> bytes (units of 1024)."""
+  match = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*', text)
+  if not match or match.group(2).upper() not in _SIZE_UNITS:
+    raise argparse.ArgumentTypeError('not a size: %r (examples: 4GB, 512MB)' % text)
+  return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _check_memory_budget(args):
+  if args.index_memory_budget < MIN_MEMORY_BUDGET:
+    raise UsageError('--index_memory_budget must be at least %dMB'
+                     % (MIN_MEMORY_BUDGET // 2**20))
+
+
+def _check_index_type(args, dims):
+  if args.index_type != AUTO:
+    for dim in sorted(set(dims)):
+      try:
+        check_factory(args.index_type, dim)
+      except ValueError as e:
+        raise UsageError('--index_type %s' % e) from e
+
+
+def make_index_only_config(args):
+  """Parsed flags with --index_only -> IndexOnlyConfig of the finished run in --output.
+  Raises UsageError."""
+  if args.input:
+    raise UsageError('--index_only rebuilds the indexes of --output; it takes no --input')
+  _check_memory_budget(args)
+  out_dir = normalize_pattern(args.output)
+  manifest_path = outputs.output_path(out_dir, outputs.MANIFEST_FILE)
+  if not outputs.FileSystems.exists(manifest_path):
+    raise UsageError('--output %s holds no finished run (no %s)'
+                     % (args.output, outputs.MANIFEST_FILE))
+  models = outputs.read_json(manifest_path)['models']
+  if args.model:
+    chosen = {spec.split('=', 1)[0] for spec in args.model}
+    unknown = sorted(chosen - {m['name'] for m in models})
+    if unknown:
+      raise UsageError('the run has no model %s (it has: %s)' % (
+          ', '.join(unknown), ', '.join(m['name'] for m in models)))
+    models = [m for m in models if m['name'] in chosen]
+  _check_index_type(args, [m['dim'] for m in models])
+  return IndexOnlyConfig(out_dir=out_dir, model_names=tuple(m['name'] for m in models),
+                         index_type=args.index_type,
+                         index_memory_budget=args.index_memory_budget,
+                         options={k: v for k, v in vars(args).items()})
+
+
 def _check_patterns(patterns):
   for pattern, result in zip(patterns, FileSystems.match(patterns)):
     if not result.metadata_list:
@@ -197,6 +272,9 @@ def _check_patterns(patterns):
 def make_config(args, probe=probe_model):
   """Parsed flags -> JobConfig; checks inputs and loads every model once, so that any
   mistake stops the job before work starts. Raises UsageError."""
+  if not args.input:
+    raise UsageError('the following arguments are required: --input')
+  _check_memory_budget(args)
   check_output(normalize_pattern(args.output))
   patterns = [normalize_pattern(p) for p in args.input]
   try:
@@ -220,12 +298,14 @@ def make_config(args, probe=probe_model):
     resume = resume_state(out_dir, specs) if args.resume else None
   except OutputDirError as e:
     raise UsageError(str(e)) from e
+  _check_index_type(args, [spec.dim for spec in specs])
   return JobConfig(
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
       options={k: v for k, v in vars(args).items()}, started_at=utc_now(),
-      started_unix=time.time(), resume=resume)
+      started_unix=time.time(), resume=resume,
+      index_type=args.index_type, index_memory_budget=args.index_memory_budget)
 
 
 def parse_command_line(argv):

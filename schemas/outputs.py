@@ -17,6 +17,9 @@ INDEX_FILE = 'index.faiss'
 INDEX_IDS_FILE = 'index_ids.parquet'
 INDEX_INFO_FILE = 'index_info.json'
 REPORT_FILE = 'report.html'
+# Temporary files of an index build beside the index (trained empty index, filled parts);
+# deleted when the build finishes.
+INDEX_BUILD_PREFIX = 'index-build-'
 PART_PREFIX = 'part'
 PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
 # Suffix of a file being written; renamed to its final name once complete.
@@ -131,9 +134,15 @@ def read_json(path):
 def write_bytes_atomically(path, data, mime_type='application/octet-stream'):
   """Writes to a temporary name beside the target, then renames: a reader never sees a
   half-written file."""
+  write_atomically(path, lambda f: f.write(data), mime_type)
+
+
+def write_atomically(path, write, mime_type='application/octet-stream'):
+  """Like write_bytes_atomically, for data streamed by write(file) (e.g. a large index,
+  which then never sits in memory twice)."""
   temporary = path + TEMPORARY_SUFFIX
   with FileSystems.create(temporary, mime_type=mime_type) as f:
-    f.write(data)
+    write(f)
   if FileSystems.exists(path):
     FileSystems.delete([path])
   FileSystems.rename([temporary], [path])
@@ -145,9 +154,9 @@ def write_json(path, value):
                          mime_type='application/json')
 
 
-def write_parquet(path, table):
+def write_parquet(path, table, row_group_size=None):
   sink = pa.BufferOutputStream()
-  pq.write_table(table, sink)
+  pq.write_table(table, sink, row_group_size=row_group_size)
   write_bytes_atomically(path, sink.getvalue().to_pybytes())
 
 
@@ -182,6 +191,11 @@ def read_parquet_sample(paths, columns, limit):
       if batches:
         tables.append(pa.Table.from_batches(batches).slice(0, per_file))
   return pa.concat_tables(tables) if tables else None
+
+
+def index_build_path(out_dir, model_name, name):
+  """A temporary file of a model's index build (see INDEX_BUILD_PREFIX)."""
+  return output_path(model_dir(out_dir, model_name), INDEX_BUILD_PREFIX + name)
 
 
 def matching_paths(pattern):

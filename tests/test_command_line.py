@@ -127,3 +127,33 @@ def test_help_lists_our_flags_with_default_and_example(capsys):
     help_text = ' '.join(action.help.split())
     assert 'Example: %s' % action.option_strings[0] in help_text, action.option_strings
     assert 'default' in help_text, action.option_strings
+
+
+def test_bad_index_type_stops_before_work(one_photo, test_models):
+  result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
+                   '--model', 'v3=' + test_models['v3_tf2'], '--index_type', 'IVF10,PQ7')
+  assert result.returncode == 2
+  line = error_line(result)
+  assert "--index_type 'IVF10,PQ7' is not a FAISS factory string for dimension 1024" in line
+  assert not (one_photo / 'out').exists()
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--index_memory_budget', 'lots'], "not a size: 'lots'"),
+    (['--index_memory_budget', '1MB'], 'must be at least 64MB'),
+    ([], 'holds no finished run')])
+def test_index_only_mistakes(one_photo, capsys, flags, message):
+  status, lines = run_in_process(['--output', str(one_photo / 'nothing'), '--index_only']
+                                 + flags, capsys)
+  assert status == 2 and len(lines) == 1 and message in lines[0], lines
+  assert not (one_photo / 'nothing').exists()
+
+
+def test_index_flags_documented_with_default_and_example():
+  from pipeline.options import build_parser  # pylint: disable=import-outside-toplevel
+  group = next(g for g in build_parser()._action_groups  # pylint: disable=protected-access
+               if g.title == 'index options')
+  for action in group._group_actions:  # pylint: disable=protected-access
+    help_text = ' '.join(action.help.split())
+    assert 'Example: %s' % action.option_strings[0] in help_text, action.option_strings
+    assert 'default' in help_text, action.option_strings

@@ -1,12 +1,20 @@
-"""Index stage: normalization, exact cosine search, recall measurement, files written."""
+"""Index stage: the index choice, recall and tuning, files written, and one run per family."""
 
 import json
 
+import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
 
-from schemas import outputs
+import query_index
+import run_pipeline
+from benchmarks.synthetic import MODEL_NAME, clustered_vectors, write_synthetic_run
 from transforms import index as index_stage
+
+GB = 2**30
 
 
 def test_normalize_keeps_zero_vectors_finite():
@@ -16,43 +24,156 @@ def test_normalize_keeps_zero_vectors_finite():
   assert vectors[0, 0] == 3  # input untouched
 
 
-def test_exact_index_scores_are_cosine_similarities():
-  rng = np.random.default_rng(0)
-  vectors = index_stage.normalize(rng.normal(size=(200, 16)))
-  index = index_stage.build_index(vectors)
-  scores, ids = index.search(vectors[:5], 3)
-  assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
-  expected = vectors[:5] @ vectors.T
-  for row in range(5):
-    np.testing.assert_allclose(scores[row], np.sort(expected[row])[::-1][:3], rtol=1e-5)
+@pytest.mark.parametrize('count,dim,budget,expected', [
+    (0, 512, 4 * GB, 'Flat'),
+    (40_000, 1024, 4 * GB, 'Flat'),  # an exact scan is still cheap
+    (150_000, 512, 4 * GB, 'HNSW32'),  # a graph while it fits and builds fast
+    (1_000_000, 512, 4 * GB, 'IVF4096,Flat'),  # the raw vectors fit: no quantization
+    (1_000_000, 1664, 4 * GB, 'IVF4096,PQ64'),  # 6.7 GB of raw vectors do not
+    (150_000, 512, 256 * 2**20, 'IVF2048,PQ64'),  # small budget: no graph either
+    (1_000_000, 512, 128 * 2**20, 'IVF4096,PQ32'),
+    (100_000_000, 1024, 4 * GB, 'IVF32768,PQ16'),
+    (10**9, 1024, 64 * GB, 'IVF131072_HNSW32,PQ32'),  # a graph as coarse quantizer
+])
+def test_choose_factory_families(count, dim, budget, expected):
+  assert index_stage.choose_factory(count, dim, budget) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(count=st.integers(0, 10**9), dim=st.sampled_from([256, 512, 1000, 1024, 1280, 1664]),
+       budget=st.integers(index_stage.MIN_MEMORY_BUDGET, 2**40))
+def test_choice_is_a_valid_factory_within_budget(count, dim, budget):
+  factory = index_stage.choose_factory(count, dim, budget)
+  index_stage.check_factory(factory, dim)  # FAISS accepts it for this dimension
+  estimate = index_stage.estimate_index_bytes(factory, count, dim)
+  smallest = index_stage.estimate_index_bytes(
+      'IVF%d,PQ%d' % (index_stage.ivf_lists(count), index_stage.pq_code_sizes(dim)[-1]),
+      count, dim)
+  fits = estimate <= budget * index_stage.INDEX_SHARE
+  assert fits or count < index_stage.MIN_TRAIN_POINTS or estimate <= smallest * 1.01
+  # More memory never buys a smaller, less accurate index.
+  richer = index_stage.choose_factory(count, dim, budget * 4)
+  assert index_stage.estimate_index_bytes(richer, count, dim) >= estimate or (
+      richer in ('Flat', 'HNSW32'))
+
+
+def test_check_factory_says_why():
+  with pytest.raises(ValueError, match='IVF10,PQ7'):
+    index_stage.check_factory('IVF10,PQ7', 512)  # 512 is not a multiple of 7
+  index_stage.check_factory('OPQ16,IVF256,PQ16', 512)
+
+
+def test_recall_at_k_counts_shared_neighbours():
+  truth = np.array([[1, 2, 3], [4, 5, -1]])
+  assert index_stage.recall_at_k(np.array([[3, 2, 1], [4, 5, 6]]), truth) == 1.0
+  assert index_stage.recall_at_k(np.array([[1, 9, 9], [9, 9, 5]]), truth) == 2 / 5.0
 
 
 def test_recall_is_measured_not_assumed():
   rng = np.random.default_rng(1)
   vectors = index_stage.normalize(rng.normal(size=(500, 32)))
-  exact = index_stage.build_index(vectors)
-  assert index_stage.measure_recall(exact, vectors)[0] == 1.0
-  coarse = index_stage.build_index(vectors, 'PQ4x4')  # deliberately lossy
-  recall, queries = index_stage.measure_recall(coarse, vectors)
-  assert queries == 500 and recall < 0.9
+  truth = index_stage.exact_neighbors(vectors, vectors[:100], 10)
+  exact = faiss.IndexFlatIP(32)
+  exact.add(vectors)
+  assert index_stage.measure_recall(exact, vectors[:100], truth) == 1.0
+  coarse = faiss.index_factory(32, 'PQ4x4', faiss.METRIC_INNER_PRODUCT)  # deliberately lossy
+  coarse.train(vectors)
+  coarse.add(vectors)
+  assert index_stage.measure_recall(coarse, vectors[:100], truth) < 0.9
 
 
-def test_build_model_index_writes_sorted_ids_and_info(tmp_path):
+def test_tuning_picks_the_cheapest_nprobe_reaching_the_target():
   rng = np.random.default_rng(2)
-  vectors = rng.normal(size=(30, 8)).astype(np.float32)
-  keys = ['k%02d' % i for i in range(30)][::-1]  # written out of order
-  table = pa.Table.from_pydict({
+  centers = rng.standard_normal((40, 32), dtype=np.float32)
+  vectors = index_stage.normalize(clustered_vectors(rng, centers, 4000, spread=0.8))
+  index = faiss.index_factory(32, 'IVF64,Flat', faiss.METRIC_INNER_PRODUCT)
+  index.train(vectors)
+  index.add(vectors)
+  queries = vectors[:300]
+  truth = index_stage.exact_neighbors(vectors, queries, 10)
+  parameters, recall = index_stage.tune_search_parameters(index, queries, truth)
+  nprobe = parameters['nprobe']
+  assert recall >= index_stage.TARGET_RECALL and 1 < nprobe < 64
+  assert faiss.extract_index_ivf(index).nprobe == nprobe  # left applied
+  index_stage.apply_search_parameters(index, {'nprobe': nprobe // 2})
+  assert index_stage.measure_recall(index, queries, truth) < index_stage.TARGET_RECALL
+
+
+def _write_part(path, keys, vectors):
+  pq.write_table(pa.Table.from_pydict({
       'key': keys, 'uri': ['u/' + k for k in keys],
-      'embedding': pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8)})
-  part = tmp_path / 'part.parquet'
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  pq.write_table(table, part)
-  info = index_stage.build_model_index(str(tmp_path), 'm', [str(part)])
+      'embedding': pa.FixedSizeListArray.from_arrays(
+          pa.array(vectors.reshape(-1)), vectors.shape[1])}), path)
+
+
+def test_build_model_index_writes_ids_sorted_by_key(tmp_path):
+  rng = np.random.default_rng(3)
+  vectors = rng.normal(size=(30, 8)).astype(np.float32)
+  keys = ['k%02d' % i for i in range(30)]
+  # Written out of order, over two files.
+  _write_part(tmp_path / 'part-0.parquet', keys[20:][::-1], vectors[20:][::-1])
+  _write_part(tmp_path / 'part-1.parquet', keys[:20], vectors[:20])
+  info = index_stage.build_model_index(str(tmp_path), 'm', [
+      str(tmp_path / 'part-1.parquet'), str(tmp_path / 'part-0.parquet')])
   assert info['count'] == 30 and info['dimension'] == 8 and info['recall_at_10'] == 1.0
+  assert info['factory'] == 'Flat' and info['recall_queries'] == 30
   assert json.loads((tmp_path / 'm' / 'index_info.json').read_text()) == info
   index, ids, uris = index_stage.load_index(str(tmp_path), 'm')
-  assert ids == sorted(keys) and uris == ['u/' + k for k in sorted(keys)]
-  # Row i of the index is ids[i]: the vector of k05 finds k05 first.
-  query = index_stage.normalize(vectors[keys.index('k05')][None])
-  assert index_stage.search(index, ids, uris, query, 1)[0][0]['key'] == 'k05'
+  assert ids == keys and uris == ['u/' + k for k in keys]
+  # Row i of the index is ids[i]: each vector finds its own key first.
+  for row in (0, 5, 25):
+    query = index_stage.normalize(vectors[row][None])
+    assert index_stage.search(index, ids, uris, query, 1)[0][0]['key'] == keys[row]
   assert not list(tmp_path.rglob('*.tmp-writing'))
+
+
+def test_local_index_is_memory_mapped(tmp_path):
+  vectors = index_stage.normalize(np.random.default_rng(4).normal(size=(50, 8)))
+  index = faiss.IndexFlatIP(8)
+  index.add(vectors)
+  path = tmp_path / 'index.faiss'
+  index_stage.write_index_file(index, str(path))
+  mapped = index_stage.read_index_file(str(path))
+  loaded = index_stage.read_index_file(str(path), mmap=False)
+  # Overwrite the last stored vector in place: only a mapped index sees the change.
+  with open(path, 'r+b') as f:
+    f.seek(-4 * 8, 2)
+    f.write(np.zeros(8, np.float32).tobytes())
+  assert mapped.search(vectors[-1:], 1)[0][0, 0] < 0.99
+  assert loaded.search(vectors[-1:], 1)[0][0, 0] > 0.99
+
+
+@pytest.fixture(scope='module')
+def synthetic_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('synthetic') / 'run'
+  write_synthetic_run(str(out), 3000, 32, parts=3, seed=5)
+  return out
+
+
+@pytest.mark.parametrize('factory,parts,reaches_target', [
+    ('Flat', 1, True), ('HNSW16', 1, True), ('IVF32,Flat', 3, True),
+    ('IVF16,PQ8', 3, False)])
+def test_index_only_rebuild_per_family(synthetic_run, capsys, factory, parts, reaches_target):
+  out = synthetic_run
+  run_pipeline.main(['--output', str(out), '--index_only', '--index_type', factory,
+                     '--index_memory_budget', '256MB', '--no_report'])
+  manifest = json.loads((out / 'manifest.json').read_text())
+  info = manifest['models'][0]['index']
+  assert info == json.loads((out / MODEL_NAME / 'index_info.json').read_text())
+  assert (info['factory'], info['count'], info['dimension']) == (factory, 3000, 32)
+  assert info['parts'] == parts and info['memory_budget_bytes'] == 256 * 2**20
+  assert info['recall_queries'] == 1000 and info['tuning_queries'] == 1000
+  assert info['latency_ms']['median'] <= info['latency_ms']['p99']
+  assert (info['recall_at_10'] >= index_stage.TARGET_RECALL) == reaches_target
+  assert 0 < info['recall_at_10'] <= 1
+  assert manifest['index_rebuilt']['options']['index_type'] == factory
+  assert sorted(p.name for p in (out / MODEL_NAME).iterdir()) == [
+      'embeddings', 'index.faiss', 'index_ids.parquet', 'index_info.json']
+  capsys.readouterr()
+  # The query tool finds stored images through the rebuilt index.
+  keys = ['img%09d' % i for i in (0, 1234, 2999)]
+  results = query_index.run_queries(str(out), keys=keys, k=10)
+  for key, result in zip(keys, results):
+    assert key in [n['key'] for n in result['neighbors']]
+    if reaches_target:
+      assert result['neighbors'][0]['key'] == key

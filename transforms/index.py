@@ -1,18 +1,138 @@
 """Index stage: a model's embedding Parquet -> a FAISS cosine index with its id table and info."""
 
+import ctypes
+import math
+import os
+import re
 import time
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas import outputs
 
+AUTO = 'auto'
 EXACT_FACTORY = 'Flat'
 RECALL_QUERIES = 1000
 RECALL_K = 10
+TARGET_RECALL = 0.95
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+MIN_MEMORY_BUDGET = 64 * 2**20
 
+# The index choice, in the autofaiss spirit: exact search while a scan is cheap, a graph
+# while it fits and builds quickly (HNSW is filled serially), inverted lists beyond that,
+# product quantization when the raw vectors do not fit the budget.
+EXACT_MAX_COUNT = 50_000
+GRAPH_MAX_COUNT = 200_000
+GRAPH_LINKS = 32
+GRAPH_QUANTIZER_MIN_LISTS = 2**16  # past this a flat coarse quantizer dominates query time
+PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector, most accurate first
+TRAIN_POINTS_PER_LIST = 40
+MIN_TRAIN_POINTS = 10_000  # PQ codebooks have 256 centroids each
+# Shares of the memory budget: the index itself, the training sample, one read batch.
+INDEX_SHARE = 0.6
+TRAIN_SHARE = 0.1
+BATCH_SHARE = 0.05
+MAX_BATCH_ROWS = 16_384
+
+# Search parameters tried at build time, cheapest first.
+NPROBE_VALUES = tuple(2**i for i in range(17))
+EF_SEARCH_VALUES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+# ---------------------------------------------------------------- choosing the index
+
+def ivf_lists(count):
+  """Inverted lists for `count` vectors: a power of two near 4 sqrt(count), with at
+  least TRAIN_POINTS_PER_LIST training points per list."""
+  lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+  while lists > 1 and lists * TRAIN_POINTS_PER_LIST > count:
+    lists //= 2
+  return lists
+
+
+def pq_code_sizes(dim):
+  return [m for m in PQ_CODE_SIZES if dim % m == 0 and m < dim] or [1]
+
+
+_FACTORY_PATTERN = re.compile(
+    r'^(?:Flat|HNSW(?P<links>\d+)|IVF(?P<lists>\d+)(?:_HNSW(?P<qlinks>\d+))?,'
+    r'(?:Flat|PQ(?P<pq>\d+)))$')
+
+
+def estimate_index_bytes(factory, count, dim):
+  """Memory of a filled index of the kinds choose_factory returns (None for others)."""
+  match = _FACTORY_PATTERN.match(factory)
+  if not match:
+    return None
+  raw = 4 * dim
+  if match.group('links'):
+    # Level 0 keeps 2M links, the upper levels about 1/M of that again, plus levels.
+    links = int(match.group('links'))
+    return count * (raw + 8 * links + 8 * links // max(1, links - 1) + 16)
+  if match.group('lists'):
+    lists = int(match.group('lists'))
+    coarse = lists * raw
+    if match.group('qlinks'):
+      coarse += lists * 8 * int(match.group('qlinks'))
+    if match.group('pq'):
+      code = int(match.group('pq'))
+      return coarse + 256 * raw + count * (code + 8)
+    return coarse + count * (raw + 8)
+  return count * raw
+
+
+def choose_factory(count, dim, memory_budget=DEFAULT_MEMORY_BUDGET):
+  """(vectors, dimension, memory budget in bytes) -> a FAISS factory string whose filled
+  index needs at most INDEX_SHARE of the budget, when any candidate does."""
+  room = memory_budget * INDEX_SHARE
+  if count < MIN_TRAIN_POINTS or (
+      count <= EXACT_MAX_COUNT and estimate_index_bytes(EXACT_FACTORY, count, dim) <= room):
+    return EXACT_FACTORY
+  graph = 'HNSW%d' % GRAPH_LINKS
+  if count <= GRAPH_MAX_COUNT and estimate_index_bytes(graph, count, dim) <= room:
+    return graph
+  lists = ivf_lists(count)
+  coarse = 'IVF%d' % lists
+  if lists >= GRAPH_QUANTIZER_MIN_LISTS:
+    coarse += '_HNSW%d' % GRAPH_LINKS
+  candidates = [coarse + ',Flat'] + [coarse + ',PQ%d' % m for m in pq_code_sizes(dim)]
+  for factory in candidates:
+    if estimate_index_bytes(factory, count, dim) <= room:
+      return factory
+  return candidates[-1]
+
+
+def check_factory(factory, dim):
+  """Raises ValueError with FAISS's reason when `factory` makes no index of `dim`."""
+  try:
+    faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  except RuntimeError as e:
+    reason = str(e).strip().splitlines()[-1]
+    raise ValueError('%r is not a FAISS factory string for dimension %d (%s)'
+                     % (factory, dim, reason)) from e
+
+
+def training_count(index, count, memory_budget):
+  """Vectors to train `index` on: enough for its lists and codebooks, within the budget."""
+  if index.is_trained:
+    return 0
+  ivf = faiss.try_extract_index_ivf(index)
+  wanted = max(TRAIN_POINTS_PER_LIST * (ivf.nlist if ivf else 1), MIN_TRAIN_POINTS)
+  affordable = int(memory_budget * TRAIN_SHARE) // (4 * index.d)
+  return max(1, min(count, wanted, affordable))
+
+
+def batch_rows(dim, memory_budget):
+  return int(max(1024, min(MAX_BATCH_ROWS, memory_budget * BATCH_SHARE // (4 * dim))))
+
+
+# ---------------------------------------------------------------- vectors and recall
 
 def normalize(vectors):
   """L2-normalized float32 copy: inner product on these is cosine similarity. Zero
@@ -24,102 +144,506 @@ def normalize(vectors):
 
 
 def embeddings_matrix(table):
-  """The 'embedding' column of an Arrow table -> float32 array (rows, dim), no copy per row."""
-  column = table.column('embedding').combine_chunks()
+  """The 'embedding' column of an Arrow table or batch -> float32 array (rows, dim)."""
+  column = table.column('embedding')
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
   dim = column.type.list_size
   return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def read_run_embeddings(paths):
-  """Embedding Parquet files -> (keys, uris, float32 vectors), sorted by key so the index
-  is the same whatever order the shards were written in."""
-  table = outputs.read_parquet(paths, columns=['key', 'uri', 'embedding'])
-  if table is None or table.num_rows == 0:
-    return [], [], None
-  order = np.argsort(np.asarray(table.column('key').to_pylist(), dtype=object), kind='stable')
-  table = table.take(pa.array(order))
-  return (table.column('key').to_pylist(), table.column('uri').to_pylist(),
-          embeddings_matrix(table))
+def parquet_shape(path):
+  """(rows, dimension) of an embedding file, from its footer alone."""
+  with outputs.FileSystems.open(path) as f:
+    parquet = pq.ParquetFile(f)
+    return parquet.metadata.num_rows, parquet.schema_arrow.field('embedding').type.list_size
 
 
-def build_index(vectors, factory=EXACT_FACTORY):
-  """Normalized vectors -> a trained and filled FAISS inner-product index."""
-  index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-  if not index.is_trained:
-    index.train(vectors)
-  index.add(vectors)
-  return index
+def iter_embedding_batches(path, rows, columns=('embedding',)):
+  """(first row, Arrow record batch) pairs of one embedding file, `rows` at a time."""
+  with outputs.FileSystems.open(path) as f:
+    offset = 0
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=list(columns)):
+      yield offset, batch
+      offset += batch.num_rows
 
 
 def exact_neighbors(vectors, queries, k):
-  scores = queries @ vectors.T
-  k = min(k, vectors.shape[0])
-  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-  order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-  return np.take_along_axis(top, order, axis=1)
+  """Row numbers of the k highest inner products of each query, best first."""
+  return faiss.knn(np.ascontiguousarray(queries, np.float32),
+                   np.ascontiguousarray(vectors, np.float32), min(k, vectors.shape[0]),
+                   metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
-def measure_recall(index, vectors, k=RECALL_K, queries=RECALL_QUERIES, seed=0):
-  """recall@k of the index against exact search, on up to `queries` stored vectors."""
-  count = vectors.shape[0]
-  picked = np.random.default_rng(seed).choice(count, size=min(queries, count), replace=False)
-  query_vectors = vectors[picked]
-  truth = exact_neighbors(vectors, query_vectors, k)
-  _, found = index.search(query_vectors, min(k, count))
+def recall_at_k(found, truth):
+  """Share of the true neighbours (rows of ids; -1 = none) that were found."""
   hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
-  return hits / float(truth.size), len(picked)
+  return hits / float(max(1, int((truth >= 0).sum())))
 
 
-def build_model_index(out_dir, model_name, paths):
-  """Builds and writes OUT/<model>/index.faiss, index_ids.parquet and index_info.json
-  from the given embedding files; returns the info written."""
-  started = time.time()
-  keys, uris, vectors = read_run_embeddings(paths)
-  info = {'model': model_name, 'factory': EXACT_FACTORY, 'metric': 'inner_product',
+def measure_recall(index, queries, truth):
+  """recall@k of the index for the queries, against their exact neighbours `truth`."""
+  _, found = index.search(np.ascontiguousarray(queries, np.float32), truth.shape[1])
+  return recall_at_k(found, truth)
+
+
+def measure_latency(index, queries, k=RECALL_K):
+  """Median and 99th-percentile time of one single-query search, in milliseconds."""
+  times = []
+  for query in np.ascontiguousarray(queries, np.float32):
+    started = time.perf_counter()
+    index.search(query[None], k)
+    times.append((time.perf_counter() - started) * 1000.0)
+  if not times:
+    return {'median': None, 'p99': None}
+  return {'median': round(float(np.median(times)), 4),
+          'p99': round(float(np.percentile(times, 99)), 4)}
+
+
+# ---------------------------------------------------------------- search parameters
+
+def apply_search_parameters(index, parameters):
+  space = faiss.ParameterSpace()
+  for name, value in (parameters or {}).items():
+    space.set_index_parameter(index, name, value)
+
+
+def _settable(index, name, value):
+  try:
+    faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return True
+  except RuntimeError:
+    return False
+
+
+def search_parameter_candidates(index):
+  """Cheapest-first parameter settings worth trying on `index` ([] when it has none)."""
+  ivf = faiss.try_extract_index_ivf(index)
+  if ivf is not None:
+    graph_quantizer = _settable(index, 'quantizer_efSearch', 16)
+    return [dict({'nprobe': n}, **({'quantizer_efSearch': max(64, 2 * n)}
+                                   if graph_quantizer else {}))
+            for n in NPROBE_VALUES if n <= ivf.nlist]
+  if _settable(index, 'efSearch', 16):
+    return [{'efSearch': ef} for ef in EF_SEARCH_VALUES]
+  return []
+
+
+def tune_search_parameters(index, queries, truth, target=TARGET_RECALL):
+  """The cheapest parameters reaching `target` recall on the queries (or, when none
+  does, the best recall's); applied to the index and returned with that recall."""
+  best, best_recall = {}, None
+  for parameters in search_parameter_candidates(index):
+    apply_search_parameters(index, parameters)
+    recall = measure_recall(index, queries, truth)
+    if best_recall is None or recall > best_recall:
+      best, best_recall = parameters, recall
+    if recall >= target:
+      break
+  apply_search_parameters(index, best)
+  return best, best_recall
+
+
+# ---------------------------------------------------------------- building
+
+class IndexPlan(NamedTuple):
+  """Everything an index build needs, fixed before the first vector is added."""
+  out_dir: str
+  model_name: str
+  index_type: str  # as asked: 'auto' or a factory string
+  factory: str
+  memory_budget: int
+  dim: Optional[int]
+  count: int
+  files: Tuple  # (path, rows, number of rows in the files before it)
+  parts: Tuple  # tuples of file numbers, filled separately and merged
+  ranks: Optional[np.ndarray]  # row of the files (in order) -> its id: the key's rank
+  queries: Optional[np.ndarray]  # normalized; the first eval_count measure, the rest tune
+  eval_count: int
+  train_count: int
+
+
+def merge_into(index, part):
+  """Moves the entries of an inverted-file part into the index (ids are kept)."""
+  faiss.extract_index_ivf(index).merge_from(faiss.extract_index_ivf(part), 0)
+
+
+def gather_rows(files, positions, rows_per_batch):
+  """The normalized vectors at the given row numbers of the run, in that order, read in
+  one pass over the files."""
+  positions = np.asarray(positions, dtype=np.int64)
+  order = np.argsort(positions, kind='stable')
+  wanted = positions[order]
+  gathered = np.zeros((len(positions), 0), np.float32)
+  found = 0
+  for path, rows, first in files:
+    lo, hi = np.searchsorted(wanted, [first, first + rows])
+    if lo == hi:
+      continue
+    for offset, batch in iter_embedding_batches(path, rows_per_batch):
+      start, stop = first + offset, first + offset + batch.num_rows
+      in_batch = wanted[lo:hi][(wanted[lo:hi] >= start) & (wanted[lo:hi] < stop)]
+      if not len(in_batch):
+        continue
+      vectors = normalize(embeddings_matrix(batch)[in_batch - start])
+      if gathered.shape[1] == 0:
+        gathered = np.zeros((len(positions), vectors.shape[1]), np.float32)
+      gathered[order[found:found + len(in_batch)]] = vectors
+      found += len(in_batch)
+  return gathered
+
+
+def plan_index(out_dir, model_name, paths, index_type=AUTO,
+               memory_budget=DEFAULT_MEMORY_BUDGET, seed=0):
+  """Embedding files -> (IndexPlan, trained empty index or None when there is nothing to
+  index). Reads the files' footers, then one pass for the training sample and queries."""
+  files, first, dim = [], 0, None
+  for path in sorted(paths):
+    rows, dim = parquet_shape(path)
+    files.append((path, rows, first))
+    first += rows
+  count = first
+  factory = choose_factory(count, dim or 1, memory_budget) if index_type == AUTO else index_type
+  empty = dict(out_dir=out_dir, model_name=model_name, index_type=index_type,
+               factory=factory, memory_budget=memory_budget, dim=dim, count=count,
+               files=tuple(files), queries=None, eval_count=0, train_count=0, ranks=None)
+  if count == 0:
+    return IndexPlan(parts=(), **empty), None
+  # Index ids follow the keys' order, so the index is the same whatever files the rows
+  # were written to (by one run, or by several attempts of a resumed one).
+  keys = outputs.read_parquet([path for path, _, _ in files], columns=['key'])
+  # Arrow's stable sort of UTF-8 bytes is Python's order of the strings, without them.
+  order = pc.sort_indices(keys.column('key')).to_numpy()
+  del keys
+  ranks = np.empty(count, np.int64)
+  ranks[order] = np.arange(count, dtype=np.int64)
+  index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  rng = np.random.default_rng(seed)
+  shuffled = rng.permutation(count)
+  # Queries that measure the reported recall are held out from those that tune.
+  eval_rows = shuffled[:RECALL_QUERIES]
+  tune_rows = shuffled[RECALL_QUERIES:2 * RECALL_QUERIES]
+  if not len(tune_rows):
+    tune_rows = eval_rows
+  train_count = training_count(index, count, memory_budget)
+  train_rows = rng.choice(count, size=train_count, replace=False) if train_count else []
+  rows_per_batch = batch_rows(dim, memory_budget)
+  sample = gather_rows(files, np.concatenate([eval_rows, tune_rows, train_rows]),
+                       rows_per_batch)
+  query_count = len(eval_rows) + len(tune_rows)
+  queries, train = sample[:query_count], sample[query_count:]
+  if train_count:
+    _skip_polysemous_training(index)
+    index.train(train)
+  del train, sample
+  release_free_memory()
+  # Inverted lists take any ids, so each file fills its own part; other indexes number
+  # their vectors in insertion order and are filled in one part, in key order.
+  ivf = faiss.try_extract_index_ivf(index) is not None
+  parts = tuple((n,) for n in range(len(files))) if ivf else (tuple(range(len(files))),)
+  return IndexPlan(parts=parts, **dict(empty, queries=queries, eval_count=len(eval_rows),
+                                       train_count=train_count, ranks=ranks)), index
+
+
+def _skip_polysemous_training(index):
+  # FAISS trains PQ codes for Hamming pre-filtering by default; searches here never use
+  # it, and it is by far the slowest part of training a small PQ index.
+  for part in (faiss.try_extract_index_ivf(index), faiss.downcast_index(index)):
+    if part is not None and hasattr(part, 'do_polysemous_training'):
+      part.do_polysemous_training = False
+
+
+def fill_index(index, plan, file_numbers):
+  """Adds the vectors of the given files to `index` and returns, per plan query, their
+  exact top-k among these vectors as (scores, ids)."""
+  heap = faiss.ResultHeap(len(plan.queries), RECALL_K, keep_max=True)
+  ivf = faiss.try_extract_index_ivf(index)
+  if ivf is None:
+    # Ids are insertion numbers here: gather the vectors in key order first (these
+    # index types hold every vector anyway, or are chosen only while they are few).
+    ordered = np.zeros((plan.count, plan.dim), np.float32)
+    for ids, vectors in _file_batches(plan, file_numbers):
+      ordered[ids] = vectors
+    step = batch_rows(plan.dim, plan.memory_budget)
+    for start in range(0, plan.count, step):
+      vectors = ordered[start:start + step]
+      index.add(vectors)
+      _add_truth(heap, plan.queries, vectors, np.arange(start, start + len(vectors)))
+  elif ivf is faiss.downcast_index(index) and ivf.ntotal == 0:
+    # Two passes: assign every vector to its list, allocate each list once for its
+    # final length, then add with the assignments kept.
+    assignments = []
+    for ids, vectors in _file_batches(plan, file_numbers):
+      assignments.append(ivf.quantizer.search(vectors, 1)[1].ravel())
+      _add_truth(heap, plan.queries, vectors, ids)
+    reserve_lists(ivf, np.bincount(np.concatenate(assignments), minlength=ivf.nlist))
+    for (ids, vectors), assigned in zip(_file_batches(plan, file_numbers), assignments):
+      ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
+                   faiss.swig_ptr(np.ascontiguousarray(assigned)))
+  else:
+    for ids, vectors in _file_batches(plan, file_numbers):
+      index.add_with_ids(vectors, ids)
+      _add_truth(heap, plan.queries, vectors, ids)
+  heap.finalize()
+  return heap.D, heap.I
+
+
+def _file_batches(plan, file_numbers):
+  """(ids, normalized vectors) of the given files, in file order."""
+  rows_per_batch = batch_rows(plan.dim, plan.memory_budget)
+  for number in file_numbers:
+    path, _, first = plan.files[number]
+    for offset, batch in iter_embedding_batches(path, rows_per_batch):
+      vectors = normalize(embeddings_matrix(batch))
+      yield plan.ranks[first + offset:first + offset + len(vectors)], vectors
+    release_free_memory()
+
+
+def release_free_memory():
+  """Returns freed memory to the system: Arrow's allocator and glibc's heap keep freed
+  buffers for reuse, and the index being filled needs that memory more."""
+  pa.default_memory_pool().release_unused()
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
+def _add_truth(heap, queries, vectors, ids):
+  scores, rows = faiss.knn(queries, vectors, min(RECALL_K, len(vectors)),
+                           metric=faiss.METRIC_INNER_PRODUCT)
+  heap.add_result(scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
+
+
+def reserve_lists(ivf, sizes):
+  """Allocates each empty inverted list for its final length at once. A list grown entry
+  by entry doubles its capacity, leaving about a third of the memory unused."""
+  invlists = faiss.downcast_InvertedLists(ivf.invlists)
+  if not isinstance(invlists, faiss.ArrayInvertedLists):
+    return
+  for list_number in np.nonzero(sizes)[0].tolist():
+    if invlists.list_size(list_number) == 0:
+      invlists.resize(list_number, int(sizes[list_number]))
+      invlists.resize(list_number, 0)  # the capacity stays
+
+
+def list_sizes(index):
+  ivf = faiss.extract_index_ivf(index)
+  return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+
+
+def merge_truths(truths):
+  """Partial exact top-k lists of several parts -> the exact top-k over all of them."""
+  truths = list(truths)
+  heap = faiss.ResultHeap(truths[0][0].shape[0], RECALL_K, keep_max=True)
+  for scores, ids in truths:
+    heap.add_result(scores, ids)
+  heap.finalize()
+  return heap.I
+
+
+def write_index_file(index, path):
+  """Streams the index to `path` on any Beam filesystem; returns the bytes written."""
+  written = [0]
+
+  def write(handle):
+    def chunk(data):
+      handle.write(data)
+      written[0] += len(data)
+    faiss.write_index(index, faiss.PyCallbackIOWriter(chunk))
+  outputs.write_atomically(path, write)
+  return written[0]
+
+
+def read_index_file(path, mmap=True):
+  """A FAISS index file; memory-mapped when local (unless mmap=False, for an index that
+  will be changed), so that a large index opens at once."""
+  if mmap and outputs.FileSystems.get_scheme(path) in (None, 'file') and os.path.exists(path):
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+  with outputs.FileSystems.open(path) as f:
+    return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+
+
+def finish_index(plan, index, truth, started):
+  """Tunes and measures the filled index, then writes index.faiss, index_ids.parquet and
+  index_info.json; returns the info written."""
+  model_dir = outputs.model_dir(plan.out_dir, plan.model_name)
+  index_path = outputs.output_path(model_dir, outputs.INDEX_FILE)
+  info = {'model': plan.model_name, 'index_type': plan.index_type, 'factory': plan.factory,
+          'metric': 'inner_product',
           'similarity': 'cosine (vectors L2-normalized before indexing)',
-          'count': len(keys), 'dimension': None, 'recall_at_10': None,
-          'recall_queries': 0}
-  model_dir = outputs.model_dir(out_dir, model_name)
-  if keys:
-    vectors = normalize(vectors)
-    index = build_index(vectors)
-    recall, queried = measure_recall(index, vectors)
-    info.update(dimension=int(vectors.shape[1]), recall_at_10=recall,
-                recall_queries=queried)
-    outputs.write_bytes_atomically(outputs.output_path(model_dir, outputs.INDEX_FILE),
-                                   faiss.serialize_index(index).tobytes())
-  outputs.write_parquet(
-      outputs.output_path(model_dir, outputs.INDEX_IDS_FILE),
-      pa.Table.from_pydict({'key': keys, 'uri': uris}, schema=outputs.INDEX_IDS_SCHEMA))
+          'count': plan.count, 'dimension': plan.dim, 'memory_budget_bytes': plan.memory_budget,
+          'estimated_index_bytes': estimate_index_bytes(plan.factory, plan.count,
+                                                        plan.dim or 1),
+          'train_count': plan.train_count, 'parts': len(plan.parts),
+          'search_parameters': {}, 'target_recall': TARGET_RECALL,
+          'recall_at_10': None, 'recall_queries': 0, 'tuning_queries': 0,
+          'tuning_recall_at_10': None, 'latency_ms': {'median': None, 'p99': None},
+          'latency_queries': 0, 'index_bytes': 0}
+  if index is not None:
+    evaluation, tuning = plan.queries[:plan.eval_count], plan.queries[plan.eval_count:]
+    truth_eval, truth_tune = truth[:plan.eval_count], truth[plan.eval_count:]
+    parameters, tuning_recall = tune_search_parameters(index, tuning, truth_tune)
+    info.update(search_parameters=parameters, tuning_recall_at_10=tuning_recall,
+                tuning_queries=len(tuning),
+                recall_at_10=measure_recall(index, evaluation, truth_eval),
+                recall_queries=len(evaluation),
+                latency_ms=measure_latency(index, evaluation),
+                latency_queries=len(evaluation),
+                index_bytes=write_index_file(index, index_path))
+  elif outputs.FileSystems.exists(index_path):
+    outputs.FileSystems.delete([index_path])  # an earlier build's, of vectors now gone
+  ids = outputs.read_parquet([path for path, _, _ in plan.files], columns=['key', 'uri'])
+  if ids is None:
+    ids = outputs.INDEX_IDS_SCHEMA.empty_table()
+  else:
+    ids = ids.take(pa.array(np.argsort(plan.ranks)))  # row i = id i
+  outputs.write_parquet(outputs.output_path(model_dir, outputs.INDEX_IDS_FILE),
+                        ids.select(['key', 'uri']).cast(outputs.INDEX_IDS_SCHEMA))
   info['build_seconds'] = round(time.time() - started, 3)
   outputs.write_json(outputs.output_path(model_dir, outputs.INDEX_INFO_FILE), info)
   return info
 
 
+def build_model_index(out_dir, model_name, paths, index_type=AUTO,
+                      memory_budget=DEFAULT_MEMORY_BUDGET):
+  """Builds and writes a model's index in this process (the Beam stage runs the same
+  steps with the parts filled in parallel); returns the info written."""
+  started = time.time()
+  plan, index = plan_index(out_dir, model_name, paths, index_type, memory_budget)
+  truth = None
+  if index is not None:
+    truth = merge_truths([fill_index(index, plan, range(len(plan.files)))])
+  return finish_index(plan, index, truth, started)
+
+
 def load_index(run_dir, model_name):
-  """(FAISS index, keys, uris) of a finished run's model."""
+  """(FAISS index with its tuned search parameters, keys, uris) of a finished run's
+  model; the index is memory-mapped when the run is on a local disk."""
   model_dir = outputs.model_dir(run_dir, model_name)
   ids = outputs.read_parquet([outputs.output_path(model_dir, outputs.INDEX_IDS_FILE)])
-  with outputs.FileSystems.open(outputs.output_path(model_dir, outputs.INDEX_FILE)) as f:
-    index = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+  index = read_index_file(outputs.output_path(model_dir, outputs.INDEX_FILE))
+  info_path = outputs.output_path(model_dir, outputs.INDEX_INFO_FILE)
+  if outputs.FileSystems.exists(info_path):
+    apply_search_parameters(index, outputs.read_json(info_path).get('search_parameters'))
   return index, ids.column('key').to_pylist(), ids.column('uri').to_pylist()
 
 
-class BuildIndex(beam.PTransform):
-  """Written embedding file paths -> one index-info dict, once every file is final."""
+# ---------------------------------------------------------------- the Beam stage
 
-  def __init__(self, out_dir, model_name):
+def _prepare_parts(paths, out_dir, model_name, index_type, memory_budget):
+  started = time.time()
+  plan, index = plan_index(out_dir, model_name, paths, index_type, memory_budget)
+  if index is not None:
+    write_index_file(index, outputs.index_build_path(out_dir, model_name, 'trained.faiss'))
+  return plan, started
+
+
+def _fill_part(number, prepared):
+  plan, _ = prepared
+  index = read_index_file(outputs.index_build_path(plan.out_dir, plan.model_name,
+                                                   'trained.faiss'), mmap=False)
+  truth = fill_index(index, plan, plan.parts[number])
+  path = outputs.index_build_path(plan.out_dir, plan.model_name, 'part-%05d.faiss' % number)
+  write_index_file(index, path)
+  return number, path, truth
+
+
+def _merge_and_finish(parts, prepared):
+  plan, started = prepared
+  parts = sorted(parts, key=lambda part: part[0])
+  index, temporary = None, []
+  if plan.count:
+    trained_path = outputs.index_build_path(plan.out_dir, plan.model_name, 'trained.faiss')
+    temporary.append(trained_path)
+  if len(parts) == 1:
+    index = read_index_file(parts[0][1], mmap=False)
+    temporary.append(parts[0][1])
+    parts_to_merge = []
+  else:
+    index = read_index_file(trained_path, mmap=False) if plan.count else None
+    parts_to_merge = parts
+    if parts and faiss.try_extract_index_ivf(index) is not None:
+      # The lists' final lengths, from the parts' headers (memory-mapped, not read).
+      reserve_lists(faiss.extract_index_ivf(index),
+                    sum(list_sizes(read_index_file(path)) for _, path, _ in parts))
+  for _, path, _ in parts_to_merge:
+    # Not memory-mapped: merging moves the part's entries, changing both indexes.
+    part = read_index_file(path, mmap=False)
+    merge_into(index, part)
+    del part
+    temporary.append(path)
+  truth = merge_truths(truth for _, _, truth in parts) if parts else None
+  info = finish_index(plan, index, truth, started)
+  outputs.FileSystems.delete(temporary)
+  return info
+
+
+class BuildIndex(beam.PTransform):
+  """Written embedding file paths -> one index-info dict, once every file is final.
+
+  One step plans the index and trains it on a sample; the parts (one per embedding
+  file when the index type can be merged, else one) are filled in parallel on workers
+  and written beside the index; one step merges them, tunes the search parameters and
+  measures recall and latency.
+  """
+
+  def __init__(self, out_dir, model_name, index_type=AUTO,
+               memory_budget=DEFAULT_MEMORY_BUDGET):
     super().__init__()
-    self._out_dir = out_dir
-    self._model_name = model_name
+    self._args = (out_dir, model_name, index_type, memory_budget)
 
   def expand(self, written_paths):
-    out_dir, model_name = self._out_dir, self._model_name
-    return (
+    args = self._args
+    prepared = beam.pvalue.AsSingleton(
         written_paths
         | 'AllFiles' >> beam.combiners.ToList()
-        | 'Build' >> beam.Map(lambda paths: build_model_index(out_dir, model_name,
-                                                             sorted(paths))))
+        | 'PlanAndTrain' >> beam.Map(lambda paths: _prepare_parts(paths, *args)))
+    root = written_paths.pipeline
+    return (
+        root
+        | 'Start' >> beam.Create([None])
+        | 'PartNumbers' >> beam.FlatMap(lambda _, p: range(len(p[0].parts)), prepared)
+        | 'SpreadParts' >> beam.Reshuffle()
+        | 'FillParts' >> beam.Map(_fill_part, prepared)
+        | 'AllParts' >> beam.combiners.ToList()
+        | 'MergeAndFinish' >> beam.Map(_merge_and_finish, prepared))
+
+
+def near_duplicate_pairs(index, batches, threshold, k):
+  """(row numbers, normalized vectors) batches of the indexed vectors -> {(row, other):
+  best cosine} with row < other, for the pairs scoring at least `threshold` among each
+  vector's k nearest neighbours."""
+  pairs = {}
+  for rows, vectors in batches:
+    scores, found = index.search(np.ascontiguousarray(vectors, np.float32),
+                                 min(k + 1, index.ntotal))
+    rows = np.asarray(rows, np.int64)[:, None]
+    hit = (scores >= threshold) & (found >= 0) & (found != rows)
+    for row, other, score in zip(np.broadcast_to(rows, found.shape)[hit].tolist(),
+                                 found[hit].tolist(), scores[hit].tolist()):
+      pair = (min(row, other), max(row, other))
+      pairs[pair] = max(score, pairs.get(pair, score))
+  return pairs
+
+
+def group_pairs(pairs):
+  """{(a, b): score} -> groups of connected rows (sorted lists), largest group first."""
+  parent = {}
+
+  def root(node):
+    parent.setdefault(node, node)
+    while parent[node] != node:
+      parent[node] = parent[parent[node]]
+      node = parent[node]
+    return node
+  for a, b in pairs:
+    parent[root(a)] = root(b)
+  groups = {}
+  for node in list(parent):
+    groups.setdefault(root(node), []).append(node)
+  return sorted((sorted(members) for members in groups.values()),
+                key=lambda members: (-len(members), members[0]))
 
 
 def search(index, keys, uris, query_vectors, k):

@@ -1,0 +1,99 @@
+"""query_index.py over a real run: image lists, the HTML page in Chromium, near-duplicates."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+import imagegen
+import query_index
+import run_pipeline
+from browser import screenshot
+
+ODD_NAME = '<b>odd & "name".jpg'
+
+
+@pytest.fixture(scope='module')
+def query_run(tmp_path_factory, photo_tree, test_models):
+  """A run of the v3 test model over the photo tree plus an exact copy, a re-encoded copy
+  and a file whose name is HTML markup."""
+  root, paths, _ = photo_tree
+  shutil.copy(paths[0], root / 'boats' / 'copy_of_000.jpg')
+  (root / 'boats' / 'requality_000.jpg').write_bytes(
+      imagegen.encode(imagegen.photo(0, 320, 240), quality=60))
+  (root / 'dogs' / ODD_NAME).write_bytes(imagegen.encode(imagegen.photo(50)))
+  out = tmp_path_factory.mktemp('query_run') / 'out'
+  run_pipeline.main(['--input', str(root / '**' / '*.jpg'), '--input', str(root / '**' / '*.png'),
+                     '--output', str(out), '--batch_size', '4',
+                     '--model', 'v3=' + test_models['v3_tf2']])
+  return out, root, paths
+
+
+def test_images_from_file_equals_image_flags(query_run, tmp_path, capsys):
+  out, root, paths = query_run
+  listing = tmp_path / 'queries.txt'
+  listing.write_text('%s\n\n%s\n' % (paths[1], root / 'dogs' / ODD_NAME))
+  from_file = query_index.main(['--run', str(out), '--images_from', str(listing), '--k', '3',
+                                '--format', 'json'])
+  direct = query_index.main(['--run', str(out), '--image', str(paths[1]),
+                             '--image', str(root / 'dogs' / ODD_NAME), '--k', '3'])
+  capsys.readouterr()
+  assert from_file == direct
+  assert [r['neighbors'][0]['key'] for r in from_file] == ['dogs/001.jpg', 'dogs/' + ODD_NAME]
+
+
+def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
+  out, _, _ = query_run
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--images_from', str(tmp_path / 'none.txt')])
+  assert exit_info.value.code == 2
+  assert 'cannot read --images_from' in capsys.readouterr().err
+
+
+def test_html_page_shows_queries_beside_neighbours(query_run, tmp_path):
+  out, root, paths = query_run
+  page = tmp_path / 'results.html'
+  query_index.main(['--run', str(out), '--image', str(root / 'dogs' / ODD_NAME),
+                    '--key', 'cats/000.jpg', '--k', '3', '--format', 'html',
+                    '--out', str(page)])
+  text = page.read_text()
+  assert ODD_NAME not in text and '&lt;b&gt;odd &amp; &quot;name&quot;.jpg' in text
+  assert text.count('<img src="data:image/jpeg;base64,') == 2 * (1 + 3)  # self-contained
+  assert '#1  score 1.0000' in text and 'boats/copy_of_000.jpg' in text
+  png = screenshot(page, tmp_path / 'results.png', 1000, 700)
+  pixels = Image.open(png).convert('RGB')
+  # Two rows of four 160 px thumbnails cover about half of this area with the photos'
+  # saturated colours; captions alone would cover almost none of it.
+  grid = [(x, y) for x in range(20, 720, 8) for y in range(100, 500, 8)]
+  coloured = [p for p in grid if max(pixels.getpixel(p)) - min(pixels.getpixel(p)) > 60]
+  assert len(coloured) > 0.3 * len(grid)
+
+
+def test_duplicates_groups_copies_only(query_run, tmp_path, capsys):
+  out, _, _ = query_run
+  groups = query_index.main(['--run', str(out), '--duplicates', '--threshold', '0.98',
+                             '--format', 'json'])
+  assert json.loads(capsys.readouterr().out) == groups
+  assert [sorted(i['key'] for i in g['images']) for g in groups] == [
+      ['boats/copy_of_000.jpg', 'boats/requality_000.jpg', 'cats/000.jpg']]
+  pairs = {tuple(sorted(p['keys'])): p['score'] for p in groups[0]['pairs']}
+  assert pairs[('boats/copy_of_000.jpg', 'cats/000.jpg')] > 0.9999
+  assert groups[0]['max_score'] == max(pairs.values())
+  page = tmp_path / 'duplicates.html'
+  query_index.main(['--run', str(out), '--duplicates', '--threshold', '0.98', '--format',
+                    'html', '--out', str(page)])
+  assert page.read_text().count('<img src="data:image/jpeg') == 3
+  # A low threshold joins unrelated photos into one group.
+  loose = query_index.main(['--run', str(out), '--duplicates', '--threshold', '-1',
+                            '--format', 'json'])
+  capsys.readouterr()
+  embedded = json.loads((out / 'manifest.json').read_text())['counts']['models']['v3']
+  assert len(loose) == 1 and len(loose[0]['images']) == embedded['embedded'] == 15
+
+
+def test_duplicates_take_no_queries(query_run, capsys):
+  out, _, paths = query_run
+  with pytest.raises(SystemExit):
+    query_index.main(['--run', str(out), '--duplicates', '--image', str(paths[0])])
+  assert 'takes no --image' in capsys.readouterr().err
