@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import query_index
 import run_pipeline
 from benchmarks.synthetic import MODEL_NAME, clustered_vectors, write_synthetic_run
+from conftest import IN_PROCESS
 from transforms import index as index_stage
 
 GB = 2**30
@@ -156,7 +157,7 @@ def synthetic_run(tmp_path_factory):
 def test_index_only_rebuild_per_family(synthetic_run, capsys, factory, parts, reaches_target):
   out = synthetic_run
   run_pipeline.main(['--output', str(out), '--index_only', '--index_type', factory,
-                     '--index_memory_budget', '256MB', '--no_report'])
+                     '--index_memory_budget', '256MB', '--no_report', *IN_PROCESS])
   manifest = json.loads((out / 'manifest.json').read_text())
   info = manifest['models'][0]['index']
   assert info == json.loads((out / MODEL_NAME / 'index_info.json').read_text())

@@ -10,6 +10,7 @@ import imagegen
 import query_index
 import run_pipeline
 from browser import screenshot
+from conftest import IN_PROCESS
 
 ODD_NAME = '<b>odd & "name".jpg'
 
@@ -26,7 +27,7 @@ def query_run(tmp_path_factory, photo_tree, test_models):
   out = tmp_path_factory.mktemp('query_run') / 'out'
   run_pipeline.main(['--input', str(root / '**' / '*.jpg'), '--input', str(root / '**' / '*.png'),
                      '--output', str(out), '--batch_size', '4',
-                     '--model', 'v3=' + test_models['v3_tf2']])
+                     '--model', 'v3=' + test_models['v3_tf2'], '--no_report', *IN_PROCESS])
   return out, root, paths
 
 
