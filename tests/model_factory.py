@@ -118,6 +118,20 @@ def build_all(directory):
   }
 
 
+def build_seed_models(directory):
+  """The three seed models in their TF Hub formats (v1: TF1 Hub module, v2 and v3: TF2
+  SavedModels), random weights; returns {seed name: handle}. For benchmarks."""
+  os.makedirs(directory, exist_ok=True)
+  return {
+      'mobilenet_v1_050_160': save_tf1_hub(v1_050_160_features(), 160,
+                                           os.path.join(directory, 'v1_050_160')),
+      'mobilenet_v2_130_224': save_tf2(v2_130_224_features(), 224,
+                                       os.path.join(directory, 'v2_130_224')),
+      'mobilenet_v3_small_100_224': save_tf2(v3_small_features(), 224,
+                                             os.path.join(directory, 'v3_small_100_224')),
+  }
+
+
 if __name__ == '__main__':
   import sys
   print(build_all(sys.argv[1]))
