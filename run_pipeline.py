@@ -26,12 +26,18 @@ def main(argv=None):
     pipeline = beam.Pipeline(options=pipeline_options)
   except ValueError as e:
     parser.error(' '.join(str(e).split()))
+  workers_elsewhere = runners.local_worker_processes(pipeline_options) or (
+      runners.runner_name_of(pipeline_options) != 'direct')
   try:
-    config = make_config(args)
+    # When the job runs in other processes, the models are probed in a child process too,
+    # so that this one never holds TensorFlow and a model in memory while it waits.
+    config = make_config(args, probe_in_subprocess=workers_elsewhere)
   except UsageError as e:
     parser.error(str(e))  # one line and exit status 2
-  config = config._replace(options=dict(
-      config.options, beam=runners.beam_options_record(pipeline_options)))
+  config = config._replace(
+      options=dict(config.options, beam=runners.beam_options_record(pipeline_options)),
+      intra_op_threads=(config.intra_op_threads or
+                        runners.default_intra_op_threads(pipeline_options)))
   if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
     prepare_output_dir(config.out_dir, config.resume, args.overwrite)
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
@@ -89,4 +95,8 @@ def rebuild_indexes(parser, args, pipeline_options):
 
 if __name__ == '__main__':
   logging.getLogger().setLevel(logging.WARNING)
+  # Local worker processes relay their start-up warnings (unparsed runner flags, no
+  # resource module) through the job service; they say nothing a user can act on.
+  logging.getLogger('apache_beam.runners.portability.local_job_service').setLevel(
+      logging.ERROR)
   main()

@@ -15,6 +15,7 @@ and JSON.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,7 @@ def marginal_rate(make_command, pattern_once, pattern_twice, count, workdir, rep
   """Images/s excluding start-up: (2N - N) images over (t(2N) - t(N)); median of repeats.
   Also returns the peak memory of the larger run."""
   rates, peaks = [], []
+  workdir = tempfile.mkdtemp(dir=workdir)
   for repeat in range(repeats):
     t_once, _ = timed(make_command(pattern_once, os.path.join(workdir, 'o1-%d' % repeat)))
     t_twice, peak = timed(make_command(pattern_twice, os.path.join(workdir, 'o2-%d' % repeat)))
@@ -185,10 +187,19 @@ def main():
                       help='extra flags for run_pipeline.py (default: its own defaults)')
   parser.add_argument('--skip_baseline', action='store_true')
   parser.add_argument('--json', help='also write the JSON figures to this file')
+  parser.add_argument('--keep', action='store_true', help='keep the work folder')
   args = parser.parse_args()
+  workdir = tempfile.mkdtemp(prefix='bench_pipeline_')
+  try:
+    run(args, workdir)
+  finally:
+    if not args.keep:
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args, workdir):
 
   import model_factory  # pylint: disable=import-outside-toplevel
-  workdir = tempfile.mkdtemp(prefix='bench_pipeline_')
   files, dataset = dataset_files(args, workdir)
   once = link_copies(files, os.path.join(workdir, 'once'), 1)
   twice = link_copies(files, os.path.join(workdir, 'twice'), 2)

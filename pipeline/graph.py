@@ -93,6 +93,7 @@ def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
       'failures_by_reason': list(failure_reasons),
       'throughput': throughput(config, counts),
       'batch_size': config.batch_size,
+      'intra_op_threads': config.intra_op_threads,
       'options': config.options or {},
       'versions': runtime_versions(),
   }

@@ -16,7 +16,7 @@ from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
 from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
-from transforms.models import ModelUnavailableError, probe_model
+from transforms.models import ModelUnavailableError, probe_models
 from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
 
 
@@ -269,7 +269,7 @@ def _check_patterns(patterns):
       raise UsageError('--input %s matches no files' % pattern)
 
 
-def make_config(args, probe=probe_model):
+def make_config(args, probe_in_subprocess=False):
   """Parsed flags -> JobConfig; checks inputs and loads every model once, so that any
   mistake stops the job before work starts. Raises UsageError."""
   if not args.input:
@@ -290,8 +290,8 @@ def make_config(args, probe=probe_model):
     raise UsageError(str(e)) from e
   try:
     # Local handles are made absolute: workers and the query script run elsewhere.
-    specs = [probe(spec._replace(handle=normalize_pattern(spec.handle)))
-             for spec in parse_model_specs(args.model)]
+    specs = probe_models([spec._replace(handle=normalize_pattern(spec.handle))
+                          for spec in parse_model_specs(args.model)], probe_in_subprocess)
   except (ModelSpecError, ModelUnavailableError) as e:
     raise UsageError(str(e)) from e
   try:

@@ -29,9 +29,13 @@ def short_runner_name(runner):
   return name[:-len('runner')] if name.endswith('runner') else name
 
 
+def runner_name_of(pipeline_options):
+  return short_runner_name(pipeline_options.view_as(StandardOptions).runner)
+
+
 def runner_name(beam_args):
   """short_runner_name of the --runner among beam_args."""
-  return short_runner_name(PipelineOptions(beam_args).view_as(StandardOptions).runner)
+  return runner_name_of(PipelineOptions(beam_args))
 
 
 def _given(beam_args, flag):
@@ -46,6 +50,27 @@ def with_local_defaults(beam_args):
     return list(beam_args)
   return list(beam_args) + ['--direct_running_mode=multi_processing',
                             '--direct_num_workers=%d' % local_cores()]
+
+
+def local_worker_processes(pipeline_options):
+  """How many DirectRunner worker processes will run the job in other processes than this
+  one (0: it runs in this process, or on another runner)."""
+  from apache_beam.options.pipeline_options import DirectOptions  # pylint: disable=import-outside-toplevel
+  if runner_name_of(pipeline_options) not in ('direct', 'switchingdirect'):
+    return 0
+  direct = pipeline_options.view_as(DirectOptions)
+  if direct.direct_running_mode != 'multi_processing':
+    return 0
+  return direct.direct_num_workers or 1
+
+
+def default_intra_op_threads(pipeline_options):
+  """TensorFlow threads per local worker process: the cores shared out among the worker
+  processes, so that they do not fight over them (measured in benchmarks/: two
+  single-threaded processes beat one process using both cores, because one process's
+  decoding overlaps the other's inference). None (TensorFlow's own choice) otherwise."""
+  workers = local_worker_processes(pipeline_options)
+  return max(1, local_cores() // workers) if workers else None
 
 
 def with_dry_run(beam_args):

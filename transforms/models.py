@@ -300,3 +300,14 @@ def probe_model(spec: ModelSpec):
   vectors = embedder(np.zeros((1, height, width, 3), np.uint8))
   return spec._replace(input_size=(height, width), dim=int(vectors.shape[1]),
                        model_format=embedder.model_format)
+
+
+def probe_models(specs, in_subprocess=False):
+  """probe_model for every spec; in a fresh child process when asked, so that the caller
+  never imports TensorFlow or keeps a model in memory (the launcher of a multi-process
+  or remote run only waits for its workers)."""
+  if not in_subprocess:
+    return [probe_model(spec) for spec in specs]
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  with multiprocessing.get_context('spawn').Pool(1) as pool:
+    return pool.map(probe_model, specs)
