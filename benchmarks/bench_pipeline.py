@@ -186,6 +186,9 @@ def main():
   parser.add_argument('--pipeline_args', default='',
                       help='extra flags for run_pipeline.py (default: its own defaults)')
   parser.add_argument('--skip_baseline', action='store_true')
+  parser.add_argument('--scaling', action='store_true',
+                      help='also run the pipeline over the set repeated four times and '
+                           'report whether the time per image stays flat')
   parser.add_argument('--json', help='also write the JSON figures to this file')
   parser.add_argument('--keep', action='store_true', help='keep the work folder')
   args = parser.parse_args()
@@ -203,6 +206,7 @@ def run(args, workdir):
   files, dataset = dataset_files(args, workdir)
   once = link_copies(files, os.path.join(workdir, 'once'), 1)
   twice = link_copies(files, os.path.join(workdir, 'twice'), 2)
+  four = link_copies(files, os.path.join(workdir, 'four'), 4) if args.scaling else None
   handles = model_factory.build_seed_models(os.path.join(workdir, 'models'))
   report = {'dataset': dataset, 'images': len(files), 'cores': os.cpu_count(),
             'models': {}}
@@ -226,6 +230,13 @@ def run(args, workdir):
                'decode_only': decode_rate(files, size), 'pipeline': pipeline,
                'pipeline_runs': pipeline_runs, 'pipeline_peak_memory_gb': peak / 2**30,
                'pipeline_over_ceiling': pipeline / best}
+    if args.scaling:
+      # Time per image from N to 4N images, start-up excluded as above: flat means the
+      # job holds nothing per image that grows with the run.
+      four_rate, four_peak, _ = marginal_rate(
+          pipeline_command, once, four, 3 * len(files), workdir, 1)
+      figures.update(pipeline_4x=four_rate, pipeline_4x_peak_memory_gb=four_peak / 2**30,
+                     time_per_image_4x_over_2x=pipeline / four_rate)
     if not args.skip_baseline:
       baseline, baseline_peak, baseline_runs = marginal_rate(
           baseline_command, once, twice, len(files), workdir, args.repeats)

@@ -129,8 +129,6 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
                             ) if config.resume else None
   images = completed.skip_decoding(read.images) if completed else read.images
-  # Spreads the decode work, the first CPU-heavy stage, across workers.
-  images = images | 'Reshuffle' >> beam.Reshuffle()
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models])
 

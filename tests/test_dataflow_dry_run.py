@@ -53,7 +53,7 @@ def setup_file_job(photo_tree, test_models, tmp_path_factory):
 
 def test_job_holds_every_stage(setup_file_job):
   stages = job_stages(setup_file_job.proto_pipeline)
-  for stage in ('ReadImages', 'Reshuffle', 'DecodeImages', 'Embed[mobilenet_v1_050_160]',
+  for stage in ('ReadImages', 'DecodeImages', 'Embed[mobilenet_v1_050_160]',
                 'Embed[v2]', 'WriteEmbeddings[mobilenet_v1_050_160]', 'WriteEmbeddings[v2]',
                 'BuildIndex[mobilenet_v1_050_160]', 'BuildIndex[v2]', 'WriteFailures',
                 'WriteManifest'):

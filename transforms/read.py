@@ -7,6 +7,7 @@ import posixpath
 import re
 import struct
 import tarfile
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -272,13 +273,27 @@ class _ReadDoFn(beam.DoFn):
     self._metrics = metrics or RunMetrics()
 
   def process(self, path):
-    yield from route_failures(read_path(path, self._root, self._input_format))
+    records = route_failures(read_path(path, self._root, self._input_format))
+    if format_of(path, self._input_format) == 'files':
+      yield from records
+    else:
+      for record in records:
+        is_failure = isinstance(record, beam.pvalue.TaggedOutput)
+        yield record if is_failure else beam.pvalue.TaggedOutput(SHARD_IMAGES_TAG, record)
     # Once every matched file is read, the progress line knows the total image count.
     self._metrics.inc(INPUT_FILES_READ)
 
 
+SHARD_IMAGES_TAG = 'shard_images'
+
+
+class ReadOutputs(NamedTuple):
+  images: beam.PCollection  # of ImageRecord
+  failures: beam.PCollection  # of FailureRecord
+
+
 class ReadImages(beam.PTransform):
-  """Input patterns -> PCollection of ImageRecord, with tagged output 'failures'."""
+  """Input patterns -> ReadOutputs: ImageRecords and FailureRecords (stage read)."""
 
   def __init__(self, patterns, input_format='auto', root=None, metrics=None):
     super().__init__()
@@ -288,7 +303,7 @@ class ReadImages(beam.PTransform):
     self._metrics = metrics
 
   def expand(self, pbegin):
-    return (
+    read = (
         pbegin
         | 'Patterns' >> beam.Create(self._patterns)
         | 'Match' >> fileio.MatchAll()
@@ -297,7 +312,13 @@ class ReadImages(beam.PTransform):
         # workers before the (I/O-bound) reads.
         | 'Distinct' >> beam.Distinct()
         | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format, self._metrics))
-        .with_outputs(FAILURES_TAG, main='images'))
+        .with_outputs(FAILURES_TAG, SHARD_IMAGES_TAG, main='images'))
+    # A shard holds many images: they are spread across workers before decoding. Image
+    # files need no such step (their paths were spread by Distinct), which spares
+    # sending every image's bytes through a shuffle.
+    spread = read[SHARD_IMAGES_TAG] | 'SpreadShardImages' >> beam.Reshuffle()
+    images = (read.images, spread) | 'Images' >> beam.Flatten()
+    return ReadOutputs(images=images, failures=read[FAILURES_TAG])
 
 
 def read_uri_bytes(uri):
