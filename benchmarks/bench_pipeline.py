@@ -136,7 +136,7 @@ def ceiling(name, handle, seconds, batch_sizes):
             '--batch_size', str(batch_size), '--seconds', str(seconds)]
     one = json.loads(subprocess.run(base, capture_output=True, check=True,
                                     text=True).stdout.strip().splitlines()[-1])
-    start_at = time.time() + 25  # time for every process to load before measuring
+    start_at = time.time() + 15  # time for every process to load before measuring
     processes = [subprocess.Popen(base + ['--threads', '1', '--start_at', str(start_at)],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   text=True) for _ in range(os.cpu_count())]
