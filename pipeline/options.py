@@ -83,8 +83,10 @@ def build_parser():
                           'Example: --batch_size 128')
   group.add_argument('--intra_op_threads', type=whole_number(1, '--intra_op_threads 1'),
                      default=None, metavar='N',
-                     help='TensorFlow/TFLite threads per worker process (default: the '
-                          "library's own choice). Example: --intra_op_threads 1")
+                     help='TensorFlow/TFLite threads per worker process (default: for '
+                          'local multi-process runs the cores shared out among the worker '
+                          "processes, otherwise the library's own choice). "
+                          'Example: --intra_op_threads 1')
   add_output_dir_flags(group)
   group.add_argument(
       '--progress_seconds', type=whole_number(0, '--progress_seconds 10'),

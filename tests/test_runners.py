@@ -4,9 +4,7 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 import run_pipeline
-from pipeline.runners import (RunnerUsageError, beam_options_record, local_cores,
-                              runner_name, short_runner_name, with_dry_run,
-                              with_local_defaults)
+from pipeline.runners import (RunnerUsageError, beam_options_record, default_intra_op_threads, local_cores, local_worker_processes, runner_name, short_runner_name, with_dry_run, with_local_defaults)
 
 
 def direct_options(beam_args):
@@ -85,3 +83,24 @@ def test_beam_options_record_is_plain_json():
   record = beam_options_record(PipelineOptions(
       ['--runner', 'DataflowRunner', '--num_workers', '3', '--experiments', 'a']))
   assert record == {'runner': 'DataflowRunner', 'num_workers': 3, 'experiments': ['a']}
+
+
+@pytest.mark.parametrize('beam_args,workers', [
+    ([], None),  # Beam's own default: one thread in this process
+    (['--direct_running_mode=in_memory'], 0),
+    (['--direct_running_mode=multi_processing', '--direct_num_workers=2'], 2),
+    (['--direct_running_mode=multi_processing', '--direct_num_workers=8'], 8),
+    (['--runner=DataflowRunner'], 0)])
+def test_threads_are_shared_out_among_local_worker_processes(beam_args, workers):
+  options = PipelineOptions(beam_args)
+  if workers is None:
+    assert local_worker_processes(options) == 0
+    assert default_intra_op_threads(options) is None
+    # What run_pipeline.py runs with: one single-threaded process per core.
+    options = PipelineOptions(with_local_defaults(beam_args))
+    assert local_worker_processes(options) == local_cores()
+    assert default_intra_op_threads(options) == 1
+    return
+  assert local_worker_processes(options) == workers
+  expected = max(1, local_cores() // workers) if workers else None
+  assert default_intra_op_threads(options) == expected
