@@ -179,3 +179,17 @@ def test_webdataset_links_are_failures_never_followed(tmp_path):
     assert isinstance(record, FailureRecord) and record.error == 'NotARegularFile'
     assert 'not followed' in record.message
   assert records[2].data == data
+
+
+@pytest.mark.parametrize('patterns,input_format,expected', [
+    (['/p/**/*.jpg', '/p/*.PNG'], 'auto', False),
+    (['/p/**/*.jpg', '/s/*.tar'], 'auto', True),
+    (['/s/train-*.tfrecord.gz'], 'auto', True),
+    (['/p/**/*'], 'auto', True),
+    (['/p/**/*.*'], 'auto', True),
+    (['/p/*.jp?'], 'auto', True),
+    (['/p/*.jpg'], 'tfrecord', True),
+    (['/s/*.tar'], 'files', False),
+])
+def test_shuffle_of_records_only_when_shards_may_be_read(patterns, input_format, expected):
+  assert read.may_hold_shards(patterns, input_format) is expected

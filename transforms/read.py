@@ -68,6 +68,21 @@ def format_of(path, input_format):
   return 'files'
 
 
+def may_hold_shards(patterns, input_format):
+  """Whether any pattern can match a TFRecord or WebDataset shard: decided from the
+  patterns alone, since the graph is built before the files are read. A pattern whose
+  file name part ends in an image extension cannot; '*' or '**' may."""
+  if input_format != 'auto':
+    return input_format != 'files'
+  for pattern in patterns:
+    name = posixpath.basename(pattern).lower()
+    if _GLOB_CHARS.search(name.rsplit('.', 1)[-1]) or '.' not in name:
+      return True  # the extension itself is a wildcard: anything may match
+    if format_of(name, 'auto') != 'files':
+      return True
+  return False
+
+
 def folder_label(key):
   """A file's label is its folder's name, as in the common one-folder-per-class layout."""
   folder = posixpath.dirname(key)
@@ -273,18 +288,9 @@ class _ReadDoFn(beam.DoFn):
     self._metrics = metrics or RunMetrics()
 
   def process(self, path):
-    records = route_failures(read_path(path, self._root, self._input_format))
-    if format_of(path, self._input_format) == 'files':
-      yield from records
-    else:
-      for record in records:
-        is_failure = isinstance(record, beam.pvalue.TaggedOutput)
-        yield record if is_failure else beam.pvalue.TaggedOutput(SHARD_IMAGES_TAG, record)
+    yield from route_failures(read_path(path, self._root, self._input_format))
     # Once every matched file is read, the progress line knows the total image count.
     self._metrics.inc(INPUT_FILES_READ)
-
-
-SHARD_IMAGES_TAG = 'shard_images'
 
 
 class ReadOutputs(NamedTuple):
@@ -312,12 +318,13 @@ class ReadImages(beam.PTransform):
         # workers before the (I/O-bound) reads.
         | 'Distinct' >> beam.Distinct()
         | 'Read' >> beam.ParDo(_ReadDoFn(self._root, self._input_format, self._metrics))
-        .with_outputs(FAILURES_TAG, SHARD_IMAGES_TAG, main='images'))
-    # A shard holds many images: they are spread across workers before decoding. Image
-    # files need no such step (their paths were spread by Distinct), which spares
-    # sending every image's bytes through a shuffle.
-    spread = read[SHARD_IMAGES_TAG] | 'SpreadShardImages' >> beam.Reshuffle()
-    images = (read.images, spread) | 'Images' >> beam.Flatten()
+        .with_outputs(FAILURES_TAG, main='images'))
+    images = read.images
+    if may_hold_shards(self._patterns, self._input_format):
+      # A shard holds many images: they are spread across workers before decoding.
+      # Image files need no such step (Distinct spread their paths), which spares
+      # sending every image's bytes through a shuffle.
+      images = images | 'SpreadShardImages' >> beam.Reshuffle()
     return ReadOutputs(images=images, failures=read[FAILURES_TAG])
 
 
