@@ -111,7 +111,7 @@ def dataset_files(args, workdir):
   import imagegen  # pylint: disable=import-outside-toplevel
   if args.large or not os.path.isdir(CALTECH):
     width, height = (3000, 2000) if args.large else (400, 300)
-    count = args.limit or (120 if args.large else 1000)
+    count = args.limit or (300 if args.large else 1000)
     directory = os.path.join(workdir, 'generated')
     os.makedirs(directory)
     files = []
