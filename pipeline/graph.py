@@ -114,8 +114,11 @@ def _count(pcoll, fact, label):
           | 'Name[%s]' % label >> beam.Map(lambda n: (fact, n)))
 
 
-def _count_into(pcoll, metrics, count_of, label):
-  return pcoll | 'Metrics[%s]' % label >> run_metrics.CountInto(metrics, count_of)
+def _tally(pcoll, fact, metrics, count_of, label):
+  """Counts a PCollection both ways: live into the run's metrics (progress line, Beam
+  counters), and exactly, as a (fact, count) pair for the manifest."""
+  _ = pcoll | 'Metrics[%s]' % label >> run_metrics.CountInto(metrics, count_of)
+  return _count(pcoll, fact, label)
 
 
 def build_pipeline(pipeline, config: JobConfig, metrics=None):
@@ -133,14 +136,12 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
       [spec.input_size for spec in config.models])
 
   failures = [read.failures, decoded.failures]
-  facts = [_count(read.images, 'read_ok', 'read'),
-           _count(read.failures, 'read_failed', 'read failures'),
-           _count(decoded.failures, 'decode_failed', 'decode failures')]
-  _count_into(read.images, metrics, run_metrics.count_images_read, 'read')
-  _count_into(read.failures, metrics, run_metrics.failure_counts(run_metrics.READ_FAILED),
-              'read failures')
-  _count_into(decoded.failures, metrics,
-              run_metrics.failure_counts(run_metrics.DECODE_FAILED), 'decode failures')
+  facts = [
+      _tally(read.images, 'read_ok', metrics, run_metrics.count_images_read, 'read'),
+      _tally(read.failures, 'read_failed', metrics,
+             run_metrics.failure_counts(run_metrics.READ_FAILED), 'read failures'),
+      _tally(decoded.failures, 'decode_failed', metrics,
+             run_metrics.failure_counts(run_metrics.DECODE_FAILED), 'decode failures')]
   index_infos = []
   for spec in config.models:
     to_embed = (completed.embed_input(decoded.decoded, spec.name) if completed
@@ -163,12 +164,10 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                                                      config.index_memory_budget)
         | 'Tag[%s]' % spec.name >> beam.Map(lambda info, name=spec.name: (name, info)))
     failures.append(embedded['failures'])
-    _count_into(embedded['embeddings'], metrics, run_metrics.embedding_counts(spec.name),
-                spec.name)
-    _count_into(embedded['failures'], metrics, run_metrics.failure_counts(
-        run_metrics.embed_failed_metric(spec.name)), spec.name + ' failures')
-    facts.append(_count(embedded['embeddings'], 'embedded/' + spec.name, spec.name))
-    facts.append(_count(embedded['failures'], 'embed_failed/' + spec.name,
+    facts.append(_tally(embedded['embeddings'], 'embedded/' + spec.name, metrics,
+                        run_metrics.embedding_counts(spec.name), spec.name))
+    facts.append(_tally(embedded['failures'], 'embed_failed/' + spec.name, metrics,
+                        run_metrics.failure_counts(run_metrics.embed_failed_metric(spec.name)),
                         spec.name + ' failures'))
 
   all_failures = failures | 'AllFailures' >> beam.Flatten()
