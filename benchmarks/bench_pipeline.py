@@ -197,7 +197,7 @@ def main():
   parser.add_argument('--limit', type=int, default=None, help='use only the first N images')
   parser.add_argument('--repeats', type=int, default=2, help='runs per measurement (median)')
   parser.add_argument('--ceiling_seconds', type=float, default=10.0)
-  parser.add_argument('--batch_sizes', type=int, nargs='*', default=[32, 64, 128])
+  parser.add_argument('--batch_sizes', type=int, nargs='*', default=[8, 16, 32, 64])
   parser.add_argument('--pipeline_args', default='',
                       help='extra flags for run_pipeline.py (default: its own defaults)')
   parser.add_argument('--skip_baseline', action='store_true')

@@ -42,7 +42,7 @@ def measure(handle, name, batch_size, threads, seconds, start_at=None):
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--model', required=True, help='NAME=HANDLE')
-  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--threads', type=int, default=None)
   parser.add_argument('--seconds', type=float, default=10.0)
   parser.add_argument('--start_at', type=float, default=None)

@@ -77,10 +77,10 @@ def build_parser():
            'directory or a .tflite file, optionally followed by #TENSOR (TFLite); may '
            'repeat (default: %s). Example: --model v1=/models/v1_050_160'
            % (', '.join(sorted(SEED_MODELS)), DEFAULT_MODEL))
-  group.add_argument('--batch_size', type=whole_number(1, '--batch_size 64'),
+  group.add_argument('--batch_size', type=whole_number(1, '--batch_size 32'),
                      default=DEFAULT_BATCH_SIZE, metavar='N',
                      help='images per model call (default: %(default)s). '
-                          'Example: --batch_size 128')
+                          'Example: --batch_size 32')
   group.add_argument('--intra_op_threads', type=whole_number(1, '--intra_op_threads 1'),
                      default=None, metavar='N',
                      help='TensorFlow/TFLite threads per worker process (default: for '

@@ -69,7 +69,7 @@ def run_in_process(argv, capsys):
 
 @pytest.mark.parametrize('flags,expected', [
     (['--batch_size', '0'], 'argument --batch_size: expected a whole number of at least 1, '
-                            "got '0' (example: --batch_size 64)"),
+                            "got '0' (example: --batch_size 32)"),
     (['--batch_size', 'many'], "got 'many'"),
     (['--intra_op_threads', '-1'], 'example: --intra_op_threads 1'),
     (['--progress_seconds', 'soon'], 'example: --progress_seconds 10'),

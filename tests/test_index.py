@@ -164,6 +164,7 @@ def test_index_only_rebuild_per_family(synthetic_run, capsys, factory, parts, re
   assert (info['factory'], info['count'], info['dimension']) == (factory, 3000, 32)
   assert info['parts'] == parts and info['memory_budget_bytes'] == 256 * 2**20
   assert info['recall_queries'] == 1000 and info['tuning_queries'] == 1000
+  assert info['latency_queries'] == index_stage.LATENCY_QUERIES
   assert info['latency_ms']['median'] <= info['latency_ms']['p99']
   assert (info['recall_at_10'] >= index_stage.TARGET_RECALL) == reaches_target
   assert 0 < info['recall_at_10'] <= 1

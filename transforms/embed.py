@@ -9,7 +9,10 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from schemas.records import STAGE_EMBED, DecodedImage, Embedding, FailureRecord
 from transforms.models import ModelSpec, load_embedder
 
-DEFAULT_BATCH_SIZE = 64
+# Small batches keep a MobileNet's activations in cache: on a 2-core machine, one
+# single-threaded worker per core runs all three seed models 10-20% faster at 16 than
+# at 64 (benchmarks/model_ceiling.py), and the workers hold far less memory.
+DEFAULT_BATCH_SIZE = 16
 
 
 def configure_tensorflow_threads(intra_op_threads):
