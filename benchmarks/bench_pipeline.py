@@ -35,9 +35,11 @@ SEED_SIZES = {'mobilenet_v1_050_160': 160, 'mobilenet_v2_130_224': 224,
 
 
 class PeakMemory:
-  """Peak resident memory of a process and all its descendants, summed, by polling /proc."""
+  """Peak memory of a process and all its descendants, by polling /proc: the sum of their
+  proportional set sizes (PSS), so that pages the processes share (TensorFlow's and
+  Beam's libraries, mapped by every worker) count once, as the machine holds them."""
 
-  def __init__(self, pid, interval=0.1):
+  def __init__(self, pid, interval=0.2):
     self.peak_bytes = 0
     self._pid, self._interval = pid, interval
     self._stop = threading.Event()
@@ -61,11 +63,11 @@ class PeakMemory:
       todo.extend(children.get(pid, []))
     return pids
 
-  def _rss(self, pid):
+  def _pss(self, pid):
     try:
-      with open('/proc/%d/status' % pid) as f:
+      with open('/proc/%d/smaps_rollup' % pid) as f:
         for line in f:
-          if line.startswith('VmRSS:'):
+          if line.startswith('Pss:'):
             return int(line.split()[1]) * 1024
     except OSError:
       pass
@@ -73,7 +75,7 @@ class PeakMemory:
 
   def _poll(self):
     while not self._stop.is_set():
-      self.peak_bytes = max(self.peak_bytes, sum(self._rss(p) for p in self._tree()))
+      self.peak_bytes = max(self.peak_bytes, sum(self._pss(p) for p in self._tree()))
       self._stop.wait(self._interval)
 
   def stop(self):
@@ -83,7 +85,7 @@ class PeakMemory:
 
 
 def timed(command):
-  """Runs a command; returns (seconds, peak resident bytes of its process tree)."""
+  """Runs a command; returns (seconds, peak memory of its process tree in bytes)."""
   started = time.perf_counter()
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              cwd=PROJECT)

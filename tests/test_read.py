@@ -193,3 +193,21 @@ def test_webdataset_links_are_failures_never_followed(tmp_path):
 ])
 def test_shuffle_of_records_only_when_shards_may_be_read(patterns, input_format, expected):
   assert read.may_hold_shards(patterns, input_format) is expected
+
+
+@pytest.mark.parametrize('patterns', [
+    ['{d}/*.jpg'],  # one pattern: paths spread in chunks
+    ['{d}/*.jpg', '{d}/a*.jpg', '{d}/*'],  # overlapping patterns: each file once
+])
+def test_every_matched_file_is_read_exactly_once(tmp_path, patterns):
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=import-outside-toplevel
+  names = ['a%03d.jpg' % n for n in range(read.PATHS_PER_CHUNK * 2 + 5)] + ['b.jpg']
+  for name in names:
+    (tmp_path / name).write_bytes(name.encode())
+  root = str(tmp_path) + '/'
+  with beam.Pipeline() as pipeline:
+    images = (pipeline | read.ReadImages([p.format(d=tmp_path) for p in patterns], 'files',
+                                         root)).images
+    assert_that(images | beam.Map(lambda record: (record.key, record.data)),
+                equal_to([(name, name.encode()) for name in names]))
