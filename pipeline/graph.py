@@ -33,6 +33,9 @@ class JobConfig(NamedTuple):
   started_unix: Optional[float] = None  # time.time() at launch, for the wall time
   index_type: str = AUTO  # 'auto' or a FAISS factory string
   index_memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes
+  # Whether the inputs matched at launch hold shards, whose records are then spread
+  # across workers; None: decided from the patterns alone.
+  spread_records: Optional[bool] = None
 
 
 def utc_now():
@@ -127,7 +130,7 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   has a folder)."""
   metrics = metrics or run_metrics.RunMetrics()
   read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
-                                               config.root, metrics)
+                                               config.root, metrics, config.spread_records)
   run_tag = config.resume.run_tag if config.resume else None
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
                             ) if config.resume else None

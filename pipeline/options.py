@@ -17,7 +17,7 @@ from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
 from transforms.models import ModelUnavailableError, probe_models
-from transforms.read import INPUT_FORMATS, common_root, normalize_pattern
+from transforms.read import INPUT_FORMATS, common_root, holds_shards, normalize_pattern
 
 
 class UsageError(ValueError):
@@ -266,9 +266,13 @@ def make_index_only_config(args):
 
 
 def _check_patterns(patterns):
+  """Lists the patterns; returns every matched path."""
+  paths = []
   for pattern, result in zip(patterns, FileSystems.match(patterns)):
     if not result.metadata_list:
       raise UsageError('--input %s matches no files' % pattern)
+    paths.extend(metadata.path for metadata in result.metadata_list)
+  return paths
 
 
 def make_config(args, probe_in_subprocess=False):
@@ -280,7 +284,7 @@ def make_config(args, probe_in_subprocess=False):
   check_output(normalize_pattern(args.output))
   patterns = [normalize_pattern(p) for p in args.input]
   try:
-    _check_patterns(patterns)
+    matched = _check_patterns(patterns)
   except UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -307,7 +311,10 @@ def make_config(args, probe_in_subprocess=False):
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
       options={k: v for k, v in vars(args).items()}, started_at=utc_now(),
       started_unix=time.time(), resume=resume,
-      index_type=args.index_type, index_memory_budget=args.index_memory_budget)
+      index_type=args.index_type, index_memory_budget=args.index_memory_budget,
+      # The listing above already says whether a shuffle of every image's bytes is
+      # needed: only shards hold many images per matched file.
+      spread_records=holds_shards(matched, args.input_format))
 
 
 def parse_command_line(argv):

@@ -211,3 +211,32 @@ def test_every_matched_file_is_read_exactly_once(tmp_path, patterns):
                                          root)).images
     assert_that(images | beam.Map(lambda record: (record.key, record.data)),
                 equal_to([(name, name.encode()) for name in names]))
+
+
+@pytest.mark.parametrize('paths,input_format,expected', [
+    (['/p/a.jpg', '/p/b'], 'auto', False),
+    (['/p/a.jpg', '/s/train-0.tfrecord'], 'auto', True),
+    (['/p/a.jpg', '/s/0.tar'], 'auto', True),
+    (['/p/a.jpg'], 'webdataset', True),
+    (['/s/0.tar'], 'files', False),
+])
+def test_holds_shards_from_matched_paths(paths, input_format, expected):
+  assert read.holds_shards(paths, input_format) is expected
+
+
+def test_launch_spreads_records_only_when_a_shard_was_matched(tmp_path, test_models):
+  """A '*' pattern may match shards, but the launcher's listing knows whether it did:
+  image bytes are shuffled only then."""
+  from pipeline import options  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'a.jpg').write_bytes(b'not read at launch')
+
+  def spread(*flags):
+    args = options.build_parser().parse_args(
+        ['--input', str(tmp_path / '*'), '--output', str(tmp_path / 'out'),
+         '--model', 'v1=' + test_models['v1_tf1'], *flags])
+    return options.make_config(args).spread_records
+
+  assert spread() is False
+  assert spread('--input_format', 'tfrecord') is True
+  (tmp_path / 'b.tfrecord').write_bytes(b'')
+  assert spread() is True

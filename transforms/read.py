@@ -86,6 +86,13 @@ def may_hold_shards(patterns, input_format):
   return False
 
 
+def holds_shards(paths, input_format):
+  """Whether any of these matched paths is read as a TFRecord or WebDataset shard."""
+  if input_format != 'auto':
+    return input_format != 'files'
+  return any(format_of(path, 'auto') != 'files' for path in paths)
+
+
 def folder_label(key):
   """A file's label is its folder's name, as in the common one-folder-per-class layout."""
   folder = posixpath.dirname(key)
@@ -304,12 +311,17 @@ class ReadOutputs(NamedTuple):
 class ReadImages(beam.PTransform):
   """Input patterns -> ReadOutputs: ImageRecords and FailureRecords (stage read)."""
 
-  def __init__(self, patterns, input_format='auto', root=None, metrics=None):
+  def __init__(self, patterns, input_format='auto', root=None, metrics=None,
+               spread_records=None):
+    """spread_records: whether to shuffle the image records across workers (for shards);
+    None decides from the patterns alone (may_hold_shards)."""
     super().__init__()
     self._patterns = list(patterns)
     self._input_format = input_format
     self._root = common_root(self._patterns) if root is None else root
     self._metrics = metrics
+    self._spread_records = (may_hold_shards(self._patterns, input_format)
+                            if spread_records is None else spread_records)
 
   def expand(self, pbegin):
     paths = (
@@ -332,7 +344,7 @@ class ReadImages(beam.PTransform):
         _ReadDoFn(self._root, self._input_format, self._metrics)).with_outputs(
             FAILURES_TAG, main='images')
     images = read.images
-    if may_hold_shards(self._patterns, self._input_format):
+    if self._spread_records:
       # A shard holds many images: they are spread across workers before decoding.
       # Image files need no such step (Distinct spread their paths), which spares
       # sending every image's bytes through a shuffle.
