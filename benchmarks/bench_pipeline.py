@@ -108,6 +108,15 @@ def link_copies(files, directory, copies):
   return os.path.join(directory, 'copy*', '*')
 
 
+def camera_like(image, seed):
+  """A generated photo with sensor-like grain: smooth shapes alone make a 3000x2000 JPEG
+  of 0.2 MB that decodes several times faster than a camera's 2-4 MB."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  grain = np.random.default_rng(seed).normal(0, 10, (image.height, image.width, 3))
+  return Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
+
+
 def dataset_files(args, workdir):
   """The benchmark's images: caltech101-25, generated photos, or generated large JPEGs."""
   import imagegen  # pylint: disable=import-outside-toplevel
@@ -120,7 +129,9 @@ def dataset_files(args, workdir):
     for seed in range(count):
       path = os.path.join(directory, '%05d.jpg' % seed)
       with open(path, 'wb') as f:
-        f.write(imagegen.encode(imagegen.photo(seed, width, height), 'JPEG', quality=90))
+        image = imagegen.photo(seed, width, height)
+        f.write(imagegen.encode(camera_like(image, seed) if args.large else image, 'JPEG',
+                                quality=90))
       files.append(path)
     return files, 'generated %dx%d JPEGs' % (width, height)
   files = sorted(os.path.join(root, name) for root, _, names in os.walk(CALTECH)
