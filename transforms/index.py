@@ -485,14 +485,15 @@ def finish_index(plan, index, truth, started):
           'latency_queries': 0, 'index_bytes': 0}
   if index is not None:
     evaluation, tuning = plan.queries[:plan.eval_count], plan.queries[plan.eval_count:]
+    timed = evaluation[:LATENCY_QUERIES]
     truth_eval, truth_tune = truth[:plan.eval_count], truth[plan.eval_count:]
     parameters, tuning_recall = tune_search_parameters(index, tuning, truth_tune)
     info.update(search_parameters=parameters, tuning_recall_at_10=tuning_recall,
                 tuning_queries=len(tuning),
                 recall_at_10=measure_recall(index, evaluation, truth_eval),
                 recall_queries=len(evaluation),
-                latency_ms=measure_latency(index, evaluation[:LATENCY_QUERIES]),
-                latency_queries=len(evaluation[:LATENCY_QUERIES]),
+                latency_ms=measure_latency(index, timed),
+                latency_queries=len(timed),
                 index_bytes=write_index_file(index, index_path))
   elif outputs.FileSystems.exists(index_path):
     outputs.FileSystems.delete([index_path])  # an earlier build's, of vectors now gone

@@ -71,26 +71,22 @@ def format_of(path, input_format):
   return 'files'
 
 
-def may_hold_shards(patterns, input_format):
-  """Whether any pattern can match a TFRecord or WebDataset shard: decided from the
-  patterns alone, since the graph is built before the files are read. A pattern whose
-  file name part ends in an image extension cannot; '*' or '**' may."""
-  if input_format != 'auto':
-    return input_format != 'files'
-  for pattern in patterns:
-    name = posixpath.basename(pattern).lower()
-    if _GLOB_CHARS.search(name.rsplit('.', 1)[-1]) or '.' not in name:
-      return True  # the extension itself is a wildcard: anything may match
-    if format_of(name, 'auto') != 'files':
-      return True
-  return False
-
-
 def holds_shards(paths, input_format):
   """Whether any of these matched paths is read as a TFRecord or WebDataset shard."""
   if input_format != 'auto':
     return input_format != 'files'
   return any(format_of(path, 'auto') != 'files' for path in paths)
+
+
+def may_hold_shards(patterns, input_format):
+  """Whether any pattern can match a TFRecord or WebDataset shard, judged from the
+  patterns alone (when no listing is at hand). A pattern whose file name part ends in an
+  image extension cannot; '*' or '**' may."""
+  names = [posixpath.basename(pattern) for pattern in patterns]
+  if input_format == 'auto' and any(_GLOB_CHARS.search(name.rsplit('.', 1)[-1])
+                                    or '.' not in name for name in names):
+    return True  # an extension that is itself a wildcard: anything may match
+  return holds_shards(names, input_format)
 
 
 def folder_label(key):
@@ -346,7 +342,7 @@ class ReadImages(beam.PTransform):
     images = read.images
     if self._spread_records:
       # A shard holds many images: they are spread across workers before decoding.
-      # Image files need no such step (Distinct spread their paths), which spares
+      # Image files need no such step (their paths were spread above), which spares
       # sending every image's bytes through a shuffle.
       images = images | 'SpreadShardImages' >> beam.Reshuffle()
     return ReadOutputs(images=images, failures=read[FAILURES_TAG])
