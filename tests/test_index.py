@@ -13,6 +13,7 @@ import query_index
 import run_pipeline
 from benchmarks.synthetic import MODEL_NAME, clustered_vectors, write_synthetic_run
 from conftest import IN_PROCESS
+from schemas import outputs
 from transforms import index as index_stage
 
 GB = 2**30
@@ -117,7 +118,9 @@ def test_build_model_index_writes_ids_sorted_by_key(tmp_path):
   info = index_stage.build_model_index(str(tmp_path), 'm', [
       str(tmp_path / 'part-1.parquet'), str(tmp_path / 'part-0.parquet')])
   assert info['count'] == 30 and info['dimension'] == 8 and info['recall_at_10'] == 1.0
-  assert info['factory'] == 'Flat' and info['recall_queries'] == 30
+  # An exact scan's recall is 1 by construction: not measured, only its latency.
+  assert info['factory'] == 'Flat' and info['exact_search'] and info['recall_queries'] == 0
+  assert info['latency_queries'] == 30
   assert json.loads((tmp_path / 'm' / 'index_info.json').read_text()) == info
   index, ids, uris = index_stage.load_index(str(tmp_path), 'm')
   assert ids == keys and uris == ['u/' + k for k in keys]
@@ -126,6 +129,19 @@ def test_build_model_index_writes_ids_sorted_by_key(tmp_path):
     query = index_stage.normalize(vectors[row][None])
     assert index_stage.search(index, ids, uris, query, 1)[0][0]['key'] == keys[row]
   assert not list(tmp_path.rglob('*.tmp-writing'))
+
+
+def test_exact_index_finds_the_true_neighbours(synthetic_run):
+  # What an unmeasured recall of 1.0 for a Flat index rests on, checked on a built one.
+  index_stage.build_model_index(str(synthetic_run), MODEL_NAME, outputs.matching_paths(
+      outputs.embeddings_glob(str(synthetic_run), MODEL_NAME)), index_type='Flat')
+  index, _, _ = index_stage.load_index(str(synthetic_run), MODEL_NAME)
+  assert index_stage.is_exact(index) and index.ntotal == 3000
+  vectors = index.reconstruct_n(0, index.ntotal)
+  queries = index_stage.normalize(np.random.default_rng(6).normal(size=(50, 32)))
+  truth = index_stage.exact_neighbors(vectors, queries, index_stage.RECALL_K)
+  assert index_stage.measure_recall(index, queries, truth) == 1.0
+  assert not index_stage.is_exact(faiss.index_factory(32, 'HNSW16'))
 
 
 def test_local_index_is_memory_mapped(tmp_path):
@@ -163,7 +179,11 @@ def test_index_only_rebuild_per_family(synthetic_run, capsys, factory, parts, re
   assert info == json.loads((out / MODEL_NAME / 'index_info.json').read_text())
   assert (info['factory'], info['count'], info['dimension']) == (factory, 3000, 32)
   assert info['parts'] == parts and info['memory_budget_bytes'] == 256 * 2**20
-  assert info['recall_queries'] == 1000 and info['tuning_queries'] == 1000
+  assert info['exact_search'] == (factory == 'Flat')
+  if factory == 'Flat':
+    assert info['recall_queries'] == 0 and info['tuning_queries'] == 0
+  else:
+    assert info['recall_queries'] == 1000 and info['tuning_queries'] == 1000
   assert info['latency_queries'] == index_stage.LATENCY_QUERIES
   assert info['latency_ms']['median'] <= info['latency_ms']['p99']
   assert (info['recall_at_10'] >= index_stage.TARGET_RECALL) == reaches_target
