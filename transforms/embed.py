@@ -10,9 +10,11 @@ from schemas.records import STAGE_EMBED, DecodedImage, Embedding, FailureRecord
 from transforms.models import ModelSpec, load_embedder
 
 # Small batches keep a MobileNet's activations in cache: on a 2-core machine, one
-# single-threaded worker per core runs all three seed models 10-20% faster at 16 than
-# at 64 (benchmarks/model_ceiling.py), and the workers hold far less memory.
-DEFAULT_BATCH_SIZE = 16
+# single-threaded worker per core runs all three seed models fastest at 8 (v2_130_224
+# 16% faster than at 16, the others 1-8%; 10-25% faster than at 64, per
+# benchmarks/model_ceiling.py), and the workers hold far less memory. End to end, 8
+# against 16 measured v2 6% faster and v1, v3 the same within the noise.
+DEFAULT_BATCH_SIZE = 8
 
 
 def configure_tensorflow_threads(intra_op_threads):
