@@ -195,13 +195,15 @@ def marginal_rates(make_command, patterns, count, workdir, repeats):
   _, peak = timed(make_command(patterns[largest], os.path.join(
       workdir, 'x%d-memory' % largest)), measure_memory=True)
 
+  def extra_rate(low, high, t_low, t_high):
+    return (high - low) * count / max(t_high - t_low, 1e-6)
+
   def rate(low, high):
-    return statistics.median(
-        (high - low) * count / max(t_high - t_low, 1e-6)
-        for t_low, t_high in zip(seconds[low], seconds[high]))
+    return statistics.median(extra_rate(low, high, t_low, t_high)
+                             for t_low, t_high in zip(seconds[low], seconds[high]))
 
   rates = {'1x_to_4x': rate(1, 4),
-           'best_1x_to_4x': 3 * count / max(min(seconds[4]) - min(seconds[1]), 1e-6)}
+           'best_1x_to_4x': extra_rate(1, 4, min(seconds[1]), min(seconds[4]))}
   if 2 in seconds:
     rates.update({'1x_to_2x': rate(1, 2), '2x_to_4x': rate(2, 4)})
   return rates, peak, seconds

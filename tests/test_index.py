@@ -131,11 +131,12 @@ def test_build_model_index_writes_ids_sorted_by_key(tmp_path):
   assert not list(tmp_path.rglob('*.tmp-writing'))
 
 
-def test_exact_index_finds_the_true_neighbours(synthetic_run):
+def test_exact_index_finds_the_true_neighbours(tmp_path):
   # What an unmeasured recall of 1.0 for a Flat index rests on, checked on a built one.
-  index_stage.build_model_index(str(synthetic_run), MODEL_NAME, outputs.matching_paths(
-      outputs.embeddings_glob(str(synthetic_run), MODEL_NAME)), index_type='Flat')
-  index, _, _ = index_stage.load_index(str(synthetic_run), MODEL_NAME)
+  write_synthetic_run(str(tmp_path), 3000, 32, parts=3, seed=5)
+  index_stage.build_model_index(str(tmp_path), MODEL_NAME, outputs.matching_paths(
+      outputs.embeddings_glob(str(tmp_path), MODEL_NAME)), index_type='Flat')
+  index, _, _ = index_stage.load_index(str(tmp_path), MODEL_NAME)
   assert index_stage.is_exact(index) and index.ntotal == 3000
   vectors = index.reconstruct_n(0, index.ntotal)
   queries = index_stage.normalize(np.random.default_rng(6).normal(size=(50, 32)))
