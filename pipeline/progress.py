@@ -131,7 +131,11 @@ class ProgressReporter:
     self._history.append((now, figures['done']))
     while now - self._history[0][0] > RATE_WINDOW_SECONDS:
       self._history.popleft()
-    then, done_then = self._history[0]
+    if final:
+      # The run's own rate: the last minute of a finished run is its index and manifest.
+      then, done_then = self._started, 0
+    else:
+      then, done_then = self._history[0]
     rate = (figures['done'] - done_then) / (now - then) if now > then else 0.0
     return format_progress(figures, now - self._started, rate, final)
 

@@ -8,7 +8,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import outputs
-from transforms.models import scheme_of, tensorflow_reads
+from transforms.models import import_tensorflow, scheme_of, tensorflow_reads
 
 
 class OutputDirError(ValueError):
@@ -31,7 +31,7 @@ def _glob_paths(pattern):
     # 700 MB) out of the launcher.
     return sorted(glob.glob(pattern))
   if tensorflow_reads(pattern):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf = import_tensorflow()
     return sorted(tf.io.gfile.glob(pattern))
   depth = pattern.rstrip('/').count('/')
   found = set(outputs.matching_paths(pattern))
@@ -65,7 +65,7 @@ def run_outputs(out_dir):
 
 
 def _tf_isdir(path):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   return tf.io.gfile.isdir(path)
 
 
@@ -83,7 +83,7 @@ def delete_paths(paths):
       if doomed:
         FileSystems.delete(doomed)
     elif _tf_isdir(path):
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      tf = import_tensorflow()
       tf.io.gfile.rmtree(path)
     elif FileSystems.exists(path):
       FileSystems.delete([path])

@@ -3,6 +3,8 @@
 import http.server
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 
@@ -127,3 +129,33 @@ def test_hub_failure_is_fast_and_says_how_to_use_a_local_copy(local_hub):
   message = str(error.value)
   assert 'cannot download model' in message
   assert '--model NAME=/path/to/unpacked_dir' in message
+
+
+def run_python(code):
+  project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, '-c', code], cwd=project, capture_output=True,
+                        text=True, check=True)
+
+
+def test_stderr_filter_drops_noise_and_keeps_everything_else():
+  # Written to file descriptor 2 directly, as TensorFlow's C++ logging does.
+  result = run_python(
+      'import os, re\n'
+      'from transforms.models import stderr_without\n'
+      'with stderr_without(re.compile("noise")):\n'
+      '  os.write(2, b"noise 1\\nkept: a real error\\nnoise 2\\n")\n'
+      '  os.write(2, b"kept too, without a newline")\n'
+      'os.write(2, b"\\nafter\\n")\n')
+  assert result.stderr == 'kept: a real error\nkept too, without a newline\nafter\n'
+
+
+def test_tensorflow_starts_without_its_cpu_machine_noise():
+  result = run_python(
+      'import os, sys\n'
+      'os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"\n'
+      'from transforms.models import import_tensorflow\n'
+      'tf = import_tensorflow()\n'
+      'print(float(tf.reduce_sum(tf.ones([3]))))\n'
+      'print("still here", file=sys.stderr)\n')
+  assert result.stdout.strip() == '3.0'
+  assert result.stderr == 'still here\n'

@@ -74,6 +74,19 @@ def test_reporter_writes_one_line_per_poll_when_not_a_terminal(tmp_path):
   assert lines == ['0:20 | read 2 | embedded 2 | failed 0 | 0.1 images/s | done']
 
 
+def test_last_line_gives_the_rate_of_the_whole_run(tmp_path):
+  (tmp_path / 'a.progress.json').write_text(json.dumps(totals(read_ok=300, files_read=300,
+                                                              m=(300, 0))))
+  stream = io.StringIO()
+  # Everything was embedded in the first 50 s; index and manifest took the next 100 s.
+  clock = iter([0.0, 50.0, 150.0]).__next__
+  reporter = progress.ProgressReporter(str(tmp_path), ['m'], [], 'auto', 30, stream, clock)
+  assert reporter.line().endswith('| 0.0 images/s')  # no rate from one reading yet
+  reporter.stop()
+  assert stream.getvalue().splitlines() == [
+      '2:30 | read 300 | embedded 300 | failed 0 | 2.0 images/s | done']
+
+
 def failure(key, stage='decode', error='ImageDecodeError', model=None):
   return FailureRecord(key=key, uri='/in/' + key, stage=stage, error=error,
                        message='bad ' + key, model=model)

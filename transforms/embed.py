@@ -7,7 +7,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from schemas.records import STAGE_EMBED, DecodedImage, Embedding, FailureRecord
-from transforms.models import ModelSpec, load_embedder
+from transforms.models import ModelSpec, import_tensorflow, load_embedder
 
 # Small batches keep a MobileNet's activations in cache: on a 2-core machine, one
 # single-threaded worker per core runs all three seed models fastest at 8 (v2_130_224
@@ -25,7 +25,7 @@ def configure_tensorflow_threads(intra_op_threads):
   """
   if not intra_op_threads:
     return
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   try:
     tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(intra_op_threads)

@@ -1,10 +1,13 @@
 """Loading embedding models of every supported format behind one call: uint8 pixels -> vectors."""
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import threading
@@ -80,9 +83,58 @@ def resolve_hub_handle(handle, timeout=HUB_DOWNLOAD_TIMEOUT_S):
   return target
 
 
-def _tf():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return tf
+# What TensorFlow's CUDA build prints to the process's stderr on every start on a machine
+# without a GPU, whatever TF_CPP_MIN_LOG_LEVEL says: it is logged before absl's logging
+# is initialized (tensorflow/tensorflow#100442). Every local worker process would print
+# these ten lines again, including a "CUDA error" that is no error on a CPU machine.
+TENSORFLOW_STARTUP_NOISE = re.compile(
+    r'All log messages before absl::InitializeLog\(\) is called|'
+    r'port\.cc:\d+\] oneDNN custom operations are on|'
+    r'cudart_stub\.cc:\d+\] Could not find cuda drivers|'
+    r'cuda_platform\.cc:\d+\] failed call to cuInit|'
+    r'cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized|'
+    r'^To enable the following instructions: .* rebuild TensorFlow')
+_TF_IMPORT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def stderr_without(noise):
+  """Runs the body with file descriptor 2 (where C++ libraries write) captured, then
+  writes back every captured line that `noise` does not match: nothing is lost, only
+  delayed. Without a real stderr (no file descriptor) the body runs as is."""
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (AttributeError, OSError, ValueError):
+    yield
+    return
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode('utf-8', 'replace').splitlines(keepends=True)
+      kept = ''.join(line for line in lines if not noise.search(line))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
+def import_tensorflow():
+  """The tensorflow module, imported (and its devices listed, which prints the last of
+  its start-up lines) without TENSORFLOW_STARTUP_NOISE. Listing devices leaves the
+  thread pools unset, so configure_tensorflow_threads still works after it."""
+  with _TF_IMPORT_LOCK:
+    if 'tensorflow' in sys.modules:
+      return sys.modules['tensorflow']
+    with stderr_without(TENSORFLOW_STARTUP_NOISE):
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      tf.config.list_physical_devices()
+    return tf
 
 
 _LOCAL_COPIES = {}  # remote SavedModel directory -> its copy on this machine
@@ -96,7 +148,7 @@ def scheme_of(path):
 def tensorflow_reads(path):
   """Whether TensorFlow's own file functions reach this path (local and gs:// do; other
   schemes may be known to Beam only)."""
-  return scheme_of(path) in _tf().io.gfile.get_registered_schemes()
+  return scheme_of(path) in import_tensorflow().io.gfile.get_registered_schemes()
 
 
 def copy_tree_to_local(directory):
@@ -133,7 +185,7 @@ def saved_model_directory(handle):
 
 def saved_model_format(directory):
   """TF1 Hub modules hold a MetaGraph with an empty tag set; TF2 SavedModels do not."""
-  tf = _tf()
+  tf = import_tensorflow()
   from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
   path = directory.rstrip('/') + '/saved_model.pb'
   if not tf.io.gfile.exists(path):
@@ -158,7 +210,7 @@ class TensorFlowEmbedder:
   """A SavedModel (TF2 callable or TF1 Hub signature) behind a traced uint8 -> float32 call."""
 
   def __init__(self, directory, model_format, input_size):
-    tf = _tf()
+    tf = import_tensorflow()
     self.model_format = model_format
     if model_format == FORMAT_TF1_HUB:
       self._loaded = tf.saved_model.load(directory, tags=[])
