@@ -2,7 +2,7 @@
 running batches, as each Dataflow SDK process (one per vCPU) holds its own copy.
 
 Usage: .venv/bin/python benchmarks/worker_memory.py --model NAME=HANDLE [--model ...]
-       [--batch_size 64]
+       [--batch_size N]   (default: the pipeline's own batch size)
 Each model is measured in a fresh process; prints resident memory in MiB.
 """
 
@@ -48,9 +48,10 @@ def measure(model_text, batch_size):
 
 
 def main(argv=None):
+  from transforms.embed import DEFAULT_BATCH_SIZE  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', action='append', required=True, metavar='SPEC')
-  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
   parser.add_argument('--one', help=argparse.SUPPRESS)  # internal: measure in this process
   args = parser.parse_args(argv)
   if args.one:
