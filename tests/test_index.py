@@ -63,6 +63,8 @@ def test_check_factory_says_why():
   with pytest.raises(ValueError, match='IVF10,PQ7'):
     index_stage.check_factory('IVF10,PQ7', 512)  # 512 is not a multiple of 7
   index_stage.check_factory('OPQ16,IVF256,PQ16', 512)
+  with pytest.raises(ValueError, match='IDMap'):
+    index_stage.check_factory('IDMap,Flat', 512)  # its add() would fail after the embedding
 
 
 def test_recall_at_k_counts_shared_neighbours():

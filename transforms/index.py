@@ -114,11 +114,16 @@ def choose_factory(count, dim, memory_budget=DEFAULT_MEMORY_BUDGET):
 def check_factory(factory, dim):
   """Raises ValueError with FAISS's reason when `factory` makes no index of `dim`."""
   try:
-    faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
   except RuntimeError as e:
     reason = str(e).strip().splitlines()[-1]
     raise ValueError('%r is not a FAISS factory string for dimension %d (%s)'
                      % (factory, dim, reason)) from e
+  if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+    # Such an index refuses add() without ids, which the build would find out only
+    # after every image is embedded.
+    raise ValueError('%r maps ids, which this index does not need: its ids are the rows of '
+                     'index_ids.parquet; leave out the IDMap part' % factory)
 
 
 def training_count(index, count, memory_budget):
