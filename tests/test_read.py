@@ -202,7 +202,7 @@ def test_shuffle_of_records_only_when_shards_may_be_read(patterns, input_format,
 def test_every_matched_file_is_read_exactly_once(tmp_path, patterns):
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=import-outside-toplevel
-  names = ['a%03d.jpg' % n for n in range(read.PATHS_PER_CHUNK * 2 + 5)] + ['b.jpg']
+  names = ['a%03d.jpg' % n for n in range(read.CHUNK_UNITS * 2 + 5)] + ['b.jpg']
   for name in names:
     (tmp_path / name).write_bytes(name.encode())
   root = str(tmp_path) + '/'
@@ -211,6 +211,30 @@ def test_every_matched_file_is_read_exactly_once(tmp_path, patterns):
                                          root)).images
     assert_that(images | beam.Map(lambda record: (record.key, record.data)),
                 equal_to([(name, name.encode()) for name in names]))
+
+
+def test_paths_are_chunked_by_weight():
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystem import FileMetadata  # pylint: disable=import-outside-toplevel
+  from apache_beam.testing.util import assert_that  # pylint: disable=import-outside-toplevel
+  unit = read.BYTES_PER_CHUNK_UNIT
+  # 70 small photos, 8 of 4 units, 3 camera-sized JPEGs heavier than a whole chunk.
+  sizes = ([unit // 4] * 70 + [4 * unit] * 8 + [read.CHUNK_UNITS * unit * 2] * 3)
+  files = [FileMetadata('/in/%03d.jpg' % n, size) for n, size in enumerate(sizes)]
+  weight_of = {f.path: read.chunk_weight(f) for f in files}
+  assert (weight_of['/in/000.jpg'], weight_of['/in/070.jpg'], weight_of['/in/080.jpg']) == (
+      1, 4, 2 * read.CHUNK_UNITS)
+
+  def check(chunks):
+    assert sorted(p for chunk in chunks for p in chunk) == [f.path for f in files]
+    for chunk in chunks:
+      assert chunk and (len(chunk) == 1 or sum(weight_of[p] for p in chunk) <= read.CHUNK_UNITS)
+    assert max(len(chunk) for chunk in chunks) == read.CHUNK_UNITS  # small files, 32 a chunk
+    assert sum(1 for chunk in chunks if weight_of[chunk[0]] > read.CHUNK_UNITS) == 3
+
+  with beam.Pipeline() as pipeline:
+    chunks = pipeline | beam.Create(files) | read.ChunkPaths()
+    assert_that(chunks | beam.combiners.ToList(), lambda lists: check(lists[0]))
 
 
 @pytest.mark.parametrize('paths,input_format,expected', [

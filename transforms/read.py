@@ -25,9 +25,14 @@ WEBDATASET_SUFFIXES = ('.tar',)
 WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
 _GLOB_CHARS = re.compile(r'[*?\[{]')
-# Matched paths travel to the readers in chunks of this many: small beside any worker's
-# share of a run, large enough that the shuffle handles few elements.
-PATHS_PER_CHUNK = 32
+# Matched paths travel to the readers in chunks: small beside any worker's share of a
+# run, large enough that the shuffle handles few elements. A chunk holds up to this many
+# units, a file weighing one unit per started BYTES_PER_CHUNK_UNIT: 32 small photos, or a
+# single camera-sized JPEG. Chunks of 32 files whatever their size left a local worker
+# idle while the other read a chunk more: 200 JPEGs of 3000x2000 made 7 chunks, 128 images
+# for one worker and 72 for the other.
+CHUNK_UNITS = 32
+BYTES_PER_CHUNK_UNIT = 64 * 1024
 
 
 def normalize_pattern(pattern):
@@ -93,6 +98,12 @@ def folder_label(key):
   """A file's label is its folder's name, as in the common one-folder-per-class layout."""
   folder = posixpath.dirname(key)
   return posixpath.basename(folder) if folder else None
+
+
+def chunk_weight(metadata):
+  """A matched file's weight in a chunk of paths (FileMetadata -> units, at least 1)."""
+  size = metadata.size_in_bytes or 0
+  return max(1, -(-size // BYTES_PER_CHUNK_UNIT))
 
 
 def read_image_file(path, root):
@@ -299,6 +310,20 @@ class _ReadDoFn(beam.DoFn):
     self._metrics.inc(INPUT_FILES_READ)
 
 
+class ChunkPaths(beam.PTransform):
+  """Matched FileMetadata -> lists of paths weighing up to CHUNK_UNITS (a heavier file
+  alone)."""
+
+  def expand(self, matched):
+    return (matched
+            | 'Batch' >> beam.BatchElements(min_batch_size=CHUNK_UNITS,
+                                            max_batch_size=CHUNK_UNITS,
+                                            element_size_fn=chunk_weight)
+            # A file heavier than a chunk closes the chunk before it, even an empty one.
+            | 'Paths' >> beam.FlatMap(
+                lambda batch: [[metadata.path for metadata in batch]] if batch else []))
+
+
 class ReadOutputs(NamedTuple):
   images: beam.PCollection  # of ImageRecord
   failures: beam.PCollection  # of FailureRecord
@@ -320,20 +345,19 @@ class ReadImages(beam.PTransform):
                             if spread_records is None else spread_records)
 
   def expand(self, pbegin):
-    paths = (
-        pbegin
-        | 'Patterns' >> beam.Create(self._patterns)
-        | 'Match' >> fileio.MatchAll()
-        | 'Paths' >> beam.Map(lambda metadata: metadata.path))
+    matched = (pbegin
+               | 'Patterns' >> beam.Create(self._patterns)
+               | 'Match' >> fileio.MatchAll())
     if len(self._patterns) > 1:
       # Drops files matched by two patterns, and spreads the paths across workers.
-      paths = paths | 'Distinct' >> beam.Distinct()
+      paths = (matched
+               | 'Paths' >> beam.Map(lambda metadata: metadata.path)
+               | 'Distinct' >> beam.Distinct())
     else:
       # One pattern matches each file once. The paths are spread across workers in
       # chunks: a shuffle per path cost the local runner's launcher 0.1 ms per image.
-      paths = (paths
-               | 'ChunkPaths' >> beam.BatchElements(min_batch_size=PATHS_PER_CHUNK,
-                                                    max_batch_size=PATHS_PER_CHUNK)
+      paths = (matched
+               | 'ChunkPaths' >> ChunkPaths()
                | 'SpreadChunks' >> beam.Reshuffle()
                | 'Unchunk' >> beam.FlatMap(lambda chunk: chunk))
     read = paths | 'Read' >> beam.ParDo(
