@@ -149,6 +149,18 @@ def test_stderr_filter_drops_noise_and_keeps_everything_else():
   assert result.stderr == 'kept: a real error\nkept too, without a newline\nafter\n'
 
 
+def test_stderr_filter_without_a_temporary_folder_lets_everything_through():
+  result = run_python(
+      'import os, re, tempfile\n'
+      'tempfile.tempdir = "/nonexistent/folder"\n'
+      'from transforms.models import stderr_without\n'
+      'with stderr_without(re.compile("noise")):\n'
+      '  os.write(2, b"noise, shown: nothing to capture it in\\n")\n'
+      'print("body ran")\n')
+  assert result.stdout == 'body ran\n'
+  assert result.stderr == 'noise, shown: nothing to capture it in\n'
+
+
 def test_tensorflow_starts_without_its_cpu_machine_noise():
   result = run_python(
       'import os, sys\n'

@@ -101,14 +101,20 @@ _TF_IMPORT_LOCK = threading.Lock()
 def stderr_without(noise):
   """Runs the body with file descriptor 2 (where C++ libraries write) captured, then
   writes back every captured line that `noise` does not match: nothing is lost, only
-  delayed. Without a real stderr (no file descriptor) the body runs as is."""
+  delayed. Without a real stderr (no file descriptor 2) or a temporary file to capture
+  it in, the body runs as is: the filter must never stop what it wraps."""
+  captured = saved = None
   try:
     sys.stderr.flush()
     saved = os.dup(2)
+    captured = tempfile.TemporaryFile()
   except (AttributeError, OSError, ValueError):
+    if saved is not None:
+      os.close(saved)
+  if captured is None:
     yield
     return
-  with tempfile.TemporaryFile() as captured:
+  with captured:
     os.dup2(captured.fileno(), 2)
     try:
       yield
