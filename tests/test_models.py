@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import PROJECT
 from pipeline.registry import ModelSpecError, parse_model_spec, parse_model_specs
 from transforms import models
 from transforms.models import ModelSpec, ModelUnavailableError, load_embedder, probe_model
@@ -132,8 +133,7 @@ def test_hub_failure_is_fast_and_says_how_to_use_a_local_copy(local_hub):
 
 
 def run_python(code):
-  project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, '-c', code], cwd=project, capture_output=True,
+  return subprocess.run([sys.executable, '-c', code], cwd=PROJECT, capture_output=True,
                         text=True, check=True)
 
 

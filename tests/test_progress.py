@@ -59,15 +59,23 @@ def test_run_metrics_write_this_process_file(tmp_path):
   assert len(list(tmp_path.glob('*.progress.json'))) == 1
 
 
-def test_reporter_writes_one_line_per_poll_when_not_a_terminal(tmp_path):
-  (tmp_path / 'a.progress.json').write_text(json.dumps(totals(read_ok=2, files_read=2,
-                                                              m=(1, 0))))
+def write_progress(folder, **counts):
+  (folder / 'a.progress.json').write_text(json.dumps(totals(**counts)))
+
+
+def reporter_at(folder, times):
+  """A reporter of model 'm' over `folder` whose clock reads `times` in turn, and the
+  stream it writes to (not a terminal)."""
   stream = io.StringIO()
-  clock = iter([0.0, 10.0, 20.0]).__next__
-  reporter = progress.ProgressReporter(str(tmp_path), ['m'], [], 'auto', 30, stream, clock)
+  return progress.ProgressReporter(str(folder), ['m'], [], 'auto', 30, stream,
+                                   iter(times).__next__), stream
+
+
+def test_reporter_writes_one_line_per_poll_when_not_a_terminal(tmp_path):
+  write_progress(tmp_path, read_ok=2, files_read=2, m=(1, 0))
+  reporter, stream = reporter_at(tmp_path, [0.0, 10.0, 20.0])
   first = reporter.line()
-  (tmp_path / 'a.progress.json').write_text(json.dumps(totals(read_ok=2, files_read=2,
-                                                              m=(2, 0))))
+  write_progress(tmp_path, read_ok=2, files_read=2, m=(2, 0))
   reporter.stop()
   lines = stream.getvalue().splitlines()
   assert first.startswith('0:10 | read 2 | embedded 1 |')
@@ -75,12 +83,9 @@ def test_reporter_writes_one_line_per_poll_when_not_a_terminal(tmp_path):
 
 
 def test_last_line_gives_the_rate_of_the_whole_run(tmp_path):
-  (tmp_path / 'a.progress.json').write_text(json.dumps(totals(read_ok=300, files_read=300,
-                                                              m=(300, 0))))
-  stream = io.StringIO()
+  write_progress(tmp_path, read_ok=300, files_read=300, m=(300, 0))
   # Everything was embedded in the first 50 s; index and manifest took the next 100 s.
-  clock = iter([0.0, 50.0, 150.0]).__next__
-  reporter = progress.ProgressReporter(str(tmp_path), ['m'], [], 'auto', 30, stream, clock)
+  reporter, stream = reporter_at(tmp_path, [0.0, 50.0, 150.0])
   assert reporter.line().endswith('| 0.0 images/s')  # no rate from one reading yet
   reporter.stop()
   assert stream.getvalue().splitlines() == [
