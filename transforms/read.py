@@ -29,8 +29,8 @@ _GLOB_CHARS = re.compile(r'[*?\[{]')
 # run, large enough that the shuffle handles few elements. A chunk holds up to this many
 # units, a file weighing one unit per started BYTES_PER_CHUNK_UNIT: 32 small photos, or a
 # single camera-sized JPEG. Chunks of 32 files whatever their size left a local worker
-# idle while the other read a chunk more: 200 JPEGs of 3000x2000 made 7 chunks, 128 images
-# for one worker and 72 for the other.
+# idle while the other read a chunk more: 480 JPEGs of 3000x2000 made 15 chunks, 256
+# images for one worker and 224 for the other (200 make 7, as unequal as 128 and 72).
 CHUNK_UNITS = 32
 BYTES_PER_CHUNK_UNIT = 64 * 1024
 
