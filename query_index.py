@@ -70,10 +70,14 @@ def choose_model(manifest, name):
     if len(models) != 1:
       raise QueryError('the run has several models; choose one with --model (%s)'
                        % ', '.join(sorted(models)))
-    return next(iter(models.values()))
+    name = next(iter(models))
   if name not in models:
     raise QueryError('the run has no model %r (it has: %s)' % (name, ', '.join(sorted(models))))
-  return models[name]
+  entry = models[name]
+  if entry.get('index', {}).get('count') == 0:
+    raise QueryError('model %s embedded no image in this run (see the failures in the run '
+                     'summary or failures/): there is nothing to search' % name)
+  return entry
 
 
 def spec_of(model_entry):

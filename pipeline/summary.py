@@ -53,7 +53,8 @@ def format_summary(manifest, out_dir, with_report=True):
   lines.append('outputs in %s:' % out_dir)
   where = [outputs.MANIFEST_FILE] + ([outputs.REPORT_FILE] if with_report else []) + [
       outputs.FAILURES_DIR + '/'] + [
-               '%s/  (%s/, %s)' % (name, outputs.EMBEDDINGS_DIR, outputs.INDEX_FILE)
-               for name in counts['models']]
+               '%s/  (%s/, %s)' % (name, outputs.EMBEDDINGS_DIR, outputs.INDEX_FILE
+                                   if figures['embedded'] else 'no index: nothing embedded')
+               for name, figures in counts['models'].items()]
   lines.extend('  ' + item for item in where)
   return '\n'.join(lines)

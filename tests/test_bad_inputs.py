@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import imagegen
+import query_index
 import run_pipeline
 from conftest import IN_PROCESS
 from test_read import example, write_tfrecord
@@ -193,3 +194,22 @@ def test_sizes_of_extreme_shapes(bad_input_run):
     assert (got['files/panorama.jpg']['width'], got['files/panorama.jpg']['height']) == (
         10000, 50)
     assert np.isfinite(_vector(got, 'files/panorama.jpg')).all()
+
+
+def test_a_run_where_every_image_fails_finishes(tmp_path, test_models, capsys):
+  # Nothing to index must not stop the job after the failures are written.
+  for name in ('random.jpg', 'notes.txt', 'zero.jpg'):
+    (tmp_path / name).write_bytes(FILE_CASES[name][0]())
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(tmp_path / '*.*'), '--output', str(out),
+                     '--model', 'v3=' + test_models['v3_tf2'], '--no_report', *IN_PROCESS])
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['counts']['models']['v3'] == {'embedded': 0, 'embed_failed': 0, 'failed': 3}
+  assert manifest['counts']['reconciled'] is True
+  assert sorted(f['key'] for f in pq.read_table(str(out / 'failures')).to_pylist()) == [
+      'notes.txt', 'random.jpg', 'zero.jpg']
+  assert 'v3/  (embeddings/, no index: nothing embedded)' in capsys.readouterr().out
+  with pytest.raises(SystemExit) as stopped:
+    query_index.main(['--run', str(out), '--image', str(tmp_path / 'random.jpg')])
+  assert stopped.value.code == 2
+  assert 'embedded no image in this run' in capsys.readouterr().err

@@ -133,6 +133,15 @@ def test_build_model_index_writes_ids_sorted_by_key(tmp_path):
   assert not list(tmp_path.rglob('*.tmp-writing'))
 
 
+def test_files_without_rows_give_an_empty_index(tmp_path):
+  # Every image of a run failed: its embedding files exist but hold no rows.
+  _write_part(tmp_path / 'part-0.parquet', [], np.zeros((0, 8), np.float32))
+  info = index_stage.build_model_index(str(tmp_path), 'm', [str(tmp_path / 'part-0.parquet')])
+  assert info['count'] == 0 and info['index_bytes'] == 0
+  assert not (tmp_path / 'm' / 'index.faiss').exists()
+  assert pq.read_table(tmp_path / 'm' / 'index_ids.parquet').num_rows == 0
+
+
 def test_exact_index_finds_the_true_neighbours(tmp_path):
   # What an unmeasured recall of 1.0 for a Flat index rests on, checked on a built one.
   write_synthetic_run(str(tmp_path), 3000, 32, parts=3, seed=5)

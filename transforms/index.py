@@ -528,7 +528,8 @@ def finish_index(plan, index, truth, started):
   elif outputs.FileSystems.exists(index_path):
     outputs.FileSystems.delete([index_path])  # an earlier build's, of vectors now gone
   ids = outputs.read_parquet([path for path, _, _ in plan.files], columns=['key', 'uri'])
-  if ids is None:
+  if ids is None or not plan.count:
+    # No files, or only files without rows (every image of the run failed): no ranks.
     ids = outputs.INDEX_IDS_SCHEMA.empty_table()
   else:
     ids = ids.take(pa.array(np.argsort(plan.ranks)))  # row i = id i
