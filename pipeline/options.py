@@ -6,7 +6,6 @@ import os
 import re
 import time
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipeline.graph import IndexOnlyConfig, JobConfig, utc_now
@@ -17,7 +16,8 @@ from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
 from transforms.models import ModelUnavailableError, probe_models
-from transforms.read import INPUT_FORMATS, common_root, holds_shards, normalize_pattern
+from transforms.read import (INPUT_FORMATS, common_root, folder_as_pattern, holds_shards,
+                             match_pattern, normalize_pattern)
 
 
 class UsageError(ValueError):
@@ -265,13 +265,15 @@ def make_index_only_config(args):
                          options={k: v for k, v in vars(args).items()})
 
 
-def _check_patterns(patterns):
-  """Lists the patterns; returns every matched path."""
+def _check_patterns(given, patterns):
+  """Lists the patterns (as given, and as they will be matched); returns every matched
+  path."""
   paths = []
-  for pattern, result in zip(patterns, FileSystems.match(patterns)):
-    if not result.metadata_list:
-      raise UsageError('--input %s matches no files' % pattern)
-    paths.extend(metadata.path for metadata in result.metadata_list)
+  for given_pattern, pattern in zip(given, patterns):
+    matched = match_pattern(pattern)
+    if not matched:
+      raise UsageError('--input %s matches no files' % given_pattern)
+    paths.extend(metadata.path for metadata in matched)
   return paths
 
 
@@ -282,9 +284,9 @@ def make_config(args, probe_in_subprocess=False):
     raise UsageError('the following arguments are required: --input')
   _check_memory_budget(args)
   check_output(normalize_pattern(args.output))
-  patterns = [normalize_pattern(p) for p in args.input]
   try:
-    matched = _check_patterns(patterns)
+    patterns = [folder_as_pattern(normalize_pattern(p)) for p in args.input]
+    matched = _check_patterns(args.input, patterns)
   except UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except

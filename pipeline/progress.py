@@ -8,11 +8,9 @@ import tempfile
 import threading
 import time
 
-from apache_beam.io.filesystems import FileSystems
-
 from pipeline.runners import short_runner_name
 from transforms import metrics as run_metrics
-from transforms.read import format_of
+from transforms.read import format_of, match_pattern
 
 TERMINAL_REFRESH_SECONDS = 2
 # Images per second are measured over this much recent time, so the estimate follows the
@@ -25,9 +23,7 @@ REMOTE_RUNNERS = ('dataflow', 'testdataflow')  # as runners.short_runner_name gi
 
 def count_input_files(patterns, input_format):
   """(number of distinct matched files, whether each of them is one image)."""
-  paths = set()
-  for result in FileSystems.match(list(patterns)):
-    paths.update(m.path for m in result.metadata_list)
+  paths = {metadata.path for pattern in patterns for metadata in match_pattern(pattern)}
   return len(paths), all(format_of(p, input_format) == 'files' for p in paths)
 
 

@@ -264,3 +264,91 @@ def test_launch_spreads_records_only_when_a_shard_was_matched(tmp_path, test_mod
   assert spread('--input_format', 'tfrecord') is True
   (tmp_path / 'b.tfrecord').write_bytes(b'')
   assert spread() is True
+
+
+def _matched(pattern):
+  return [metadata.path for metadata in read.match_pattern(pattern)]
+
+
+def test_a_globstar_segment_also_matches_no_folder(tmp_path):
+  for name in ('top.jpg', 'a/one.jpg', 'a/b/two.jpg', 'a/b/two.png', 'abc.jpg/x.txt'):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b'x')
+  d = str(tmp_path)
+  # As bash's globstar and Python's glob have it; Beam's own match leaves out top.jpg.
+  assert _matched(d + '/**/*.jpg') == [d + '/a/b/two.jpg', d + '/a/one.jpg', d + '/top.jpg']
+  assert _matched(d + '/**/b/*.jpg') == [d + '/a/b/two.jpg']
+  assert _matched(d + '/*.jpg') == [d + '/top.jpg']  # '*' stays within a folder
+  assert _matched(d + '/**') == [d + '/a/b/two.jpg', d + '/a/b/two.png', d + '/a/one.jpg',
+                                 d + '/abc.jpg/x.txt', d + '/top.jpg']
+  assert _matched(d + '/a/one.jpg') == [d + '/a/one.jpg']
+  assert _matched(d + '/nothing/**') == []
+
+
+def test_links_to_folders_are_followed_once_and_dangling_links_kept(tmp_path):
+  photos, elsewhere = tmp_path / 'photos', tmp_path / 'elsewhere'
+  (elsewhere / 'sub').mkdir(parents=True)
+  (elsewhere / 'sub' / 'far.jpg').write_bytes(b'x')
+  photos.mkdir()
+  (photos / 'near.jpg').write_bytes(b'x')
+  (photos / 'linked').symlink_to(elsewhere)
+  (photos / 'loop').symlink_to(photos)  # a link back up: listed once, not forever
+  (photos / 'gone.jpg').symlink_to(tmp_path / 'deleted.jpg')
+  matched = read.match_pattern(str(photos / '**' / '*.jpg'))
+  assert [m.path for m in matched] == [str(photos / name) for name in (
+      'gone.jpg', 'linked/sub/far.jpg', 'near.jpg')]
+  assert [m.size_in_bytes for m in matched] == [0, 1, 1]
+  # The dangling link is read, and fails with its reason instead of vanishing.
+  failure = read.read_image_file(str(photos / 'gone.jpg'), str(photos) + '/')
+  assert isinstance(failure, FailureRecord) and 'No such file' in failure.message
+
+
+def test_a_folder_is_every_file_below_it(tmp_path):
+  (tmp_path / 'f.jpg').write_bytes(b'x')
+  d = str(tmp_path)
+  assert read.folder_as_pattern(d) == d + '/**'
+  assert read.folder_as_pattern(d + '/') == d + '/**'
+  assert read.folder_as_pattern(d + '/f.jpg') == d + '/f.jpg'
+  assert read.folder_as_pattern(d + '/*.jpg') == d + '/*.jpg'
+
+
+def test_remote_patterns_follow_the_same_rules():
+  import memory_filesystem  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  memory_filesystem.clear()
+  base = memory_filesystem.PREFIX + 'bucket/photos'
+  try:
+    for name in ('top.jpg', 'a/one.jpg', 'a/one.png'):
+      with FileSystems.create(base + '/' + name) as f:
+        f.write(b'x')
+    assert _matched(base + '/**/*.jpg') == [base + '/a/one.jpg', base + '/top.jpg']
+    assert read.folder_as_pattern(base) == base + '/**'
+    assert read.folder_as_pattern(base + '/top.jpg') == base + '/top.jpg'
+    assert len(_matched(read.folder_as_pattern(base))) == 3
+  finally:
+    memory_filesystem.clear()
+
+
+def test_a_run_over_a_folder_reads_everything_below_it(tmp_path, test_models):
+  import imagegen  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  import run_pipeline  # pylint: disable=import-outside-toplevel
+  from conftest import IN_PROCESS  # pylint: disable=import-outside-toplevel
+  photos, elsewhere = tmp_path / 'photos', tmp_path / 'elsewhere'
+  (photos / 'cats').mkdir(parents=True)
+  elsewhere.mkdir()
+  (photos / 'top.jpg').write_bytes(imagegen.encode(imagegen.photo(1, 64, 48)))
+  (photos / 'cats' / 'cat.jpg').write_bytes(imagegen.encode(imagegen.photo(2, 64, 48)))
+  (elsewhere / 'far.png').write_bytes(imagegen.encode(imagegen.photo(3, 64, 48), 'PNG'))
+  (photos / 'linked').symlink_to(elsewhere)
+  (photos / 'gone.jpg').symlink_to(tmp_path / 'deleted.jpg')
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(photos), '--output', str(out), '--no_report',
+                     '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS])
+  keys = sorted(pq.read_table(str(out / 'v3' / 'embeddings')).column('key').to_pylist())
+  assert keys == ['cats/cat.jpg', 'linked/far.png', 'top.jpg']
+  failures = pq.read_table(str(out / 'failures')).to_pylist()
+  assert [(f['key'], f['stage']) for f in failures] == [('gone.jpg', 'read')]
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['input']['patterns'] == [str(photos) + '/**']
+  assert manifest['counts']['read'] == 4 and manifest['counts']['reconciled'] is True

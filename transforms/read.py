@@ -10,8 +10,7 @@ import tarfile
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
@@ -40,6 +39,96 @@ def normalize_pattern(pattern):
   if '://' in pattern:
     return pattern
   return os.path.abspath(os.path.expanduser(pattern))
+
+
+# Beam's glob characters (translate_pattern knows no braces).
+_BEAM_GLOB_CHARS = re.compile(r'[*?\[]')
+_FOLDER_GLOBSTAR = '/**/'
+
+
+def is_glob(pattern):
+  return _BEAM_GLOB_CHARS.search(pattern) is not None
+
+
+def folder_as_pattern(pattern):
+  """A pattern naming a folder (no glob characters, not a file) -> every file below it."""
+  if is_glob(pattern):
+    return pattern
+  if '://' in pattern:
+    is_folder = pattern.endswith('/') or not FileSystems.exists(pattern)
+  else:
+    is_folder = os.path.isdir(pattern)
+  return pattern.rstrip('/') + '/**' if is_folder else pattern
+
+
+def pattern_regex(pattern):
+  """Beam's glob syntax ('*' within a name, '**' across folders), except that a whole
+  '**' path segment also matches no folder at all, as in bash's globstar and Python's
+  glob: 'photos/**/*.jpg' matches photos/a.jpg, which Beam's own match leaves out."""
+  bodies = []
+  for piece in pattern.split(_FOLDER_GLOBSTAR):
+    translated = FileSystem.translate_pattern(piece)  # '(?ms)' + body + '\Z'
+    bodies.append(translated[len('(?ms)'):-len('\\Z')])
+  return re.compile('(?ms)' + '/(?:.*/)?'.join(bodies) + '\\Z')
+
+
+def _raise(error):
+  raise error
+
+
+def _walk_files(top):
+  """Every path below the folder top that is not a folder, following symbolic links to
+  folders and listing each folder once (a link loop ends). Real folders come first, so a
+  folder reachable both ways is listed under its own path."""
+  seen, starts = set(), [top]
+  while starts:
+    # An unreadable folder stops the listing: its files would otherwise vanish unnoticed.
+    for folder, subfolders, names in os.walk(starts.pop(0), onerror=_raise):
+      status = os.stat(folder)
+      if (status.st_dev, status.st_ino) in seen:
+        subfolders[:] = []
+        continue
+      seen.add((status.st_dev, status.st_ino))
+      subfolders.sort()
+      starts.extend(os.path.join(folder, name) for name in subfolders
+                    if os.path.islink(os.path.join(folder, name)))
+      for name in sorted(names):
+        yield os.path.join(folder, name)
+
+
+def _local_metadata(path):
+  """FileMetadata of a listed path; a dangling link is kept (size 0) so that reading it
+  fails with its reason; None for a file that vanished since it was listed."""
+  try:
+    status = os.stat(path)
+  except OSError:
+    return FileMetadata(path, 0, 0.0) if os.path.lexists(path) else None
+  return FileMetadata(path, status.st_size, status.st_mtime)
+
+
+def match_pattern(pattern):
+  """One input pattern -> the FileMetadata of every file it matches, sorted by path.
+
+  The launcher's check, the progress total and the read stage all list through here.
+  Local folders are walked following symbolic links; other filesystems are listed by
+  Beam with '**/' widened to '**', then filtered.
+  """
+  if not is_glob(pattern):
+    matched = FileSystems.match([pattern])[0].metadata_list
+    if not matched and '://' not in pattern and os.path.lexists(pattern):
+      matched = [FileMetadata(pattern, 0, 0.0)]  # a dangling link
+    return matched
+  regex = pattern_regex(pattern)
+  if '://' in pattern:
+    listed = FileSystems.match([pattern.replace(_FOLDER_GLOBSTAR, '/**')])[0].metadata_list
+    return sorted((m for m in listed if regex.match(m.path)), key=lambda m: m.path)
+  literal = pattern[:_BEAM_GLOB_CHARS.search(pattern).start()]
+  top = literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
+  if not os.path.isdir(top):
+    return []
+  return sorted((metadata for metadata in map(_local_metadata,
+                                               filter(regex.match, _walk_files(top)))
+                 if metadata is not None), key=lambda metadata: metadata.path)
 
 
 def common_root(patterns):
@@ -347,7 +436,7 @@ class ReadImages(beam.PTransform):
   def expand(self, pbegin):
     matched = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
-               | 'Match' >> fileio.MatchAll())
+               | 'Match' >> beam.FlatMap(match_pattern))
     if len(self._patterns) > 1:
       # Drops files matched by two patterns, and spreads the paths across workers.
       paths = (matched
