@@ -160,28 +160,53 @@ def test_postscript_is_never_handed_to_ghostscript():
     decode(eps)
 
 
-@pytest.mark.parametrize('image_format', ['PNG', 'GIF', 'TIFF', 'BMP', 'JPEG'])
+_CAPPED_DECODE = (
+    'import resource, sys\n'
+    'from transforms.decode import decode_record\n'
+    'from schemas.records import ImageRecord\n'
+    'vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024\n'
+    'resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))\n'
+    'data = open(sys.argv[1], "rb").read()\n'
+    'result = decode_record(ImageRecord("k", "u", data), [(224, 224)])\n'
+    'print(getattr(result, "message", None) or "%dx%d" % (result.width, result.height))\n')
+
+
+def _decode_with_200_mb_to_spare(path):
+  """Decodes the file in a process with 200 MB of address space to spare; its output."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import PROJECT  # pylint: disable=import-outside-toplevel
+  result = subprocess.run([sys.executable, '-c', _CAPPED_DECODE, str(path)], cwd=str(PROJECT),
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout.strip()
+
+
+@pytest.mark.parametrize('image_format', ['PNG', 'GIF', 'TIFF', 'BMP'])
 def test_bombs_in_every_format_are_refused_in_a_capped_process(tmp_path, image_format):
   """A 12000x12000 header (between Pillow's warning and error thresholds) is refused
   before its pixels are allocated: the decode runs with 200 MB of address space to spare,
   less than its 432 MB of RGB pixels."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  from conftest import PROJECT  # pylint: disable=import-outside-toplevel
   bomb = tmp_path / 'bomb'
   bomb.write_bytes(_declared_size(image_format, 12000, 12000))
-  script = (
-      'import resource, sys\n'
-      'from transforms.decode import decode_record\n'
-      'from schemas.records import ImageRecord\n'
-      'vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024\n'
-      'resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))\n'
-      'data = open(sys.argv[1], "rb").read()\n'
-      'print(decode_record(ImageRecord("k", "u", data), [(224, 224)]).message)\n')
-  result = subprocess.run([sys.executable, '-c', script, str(bomb)], cwd=str(PROJECT),
-                          capture_output=True, text=True, timeout=120, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert 'decompression bomb' in result.stdout
+  assert 'decompression bomb' in _decode_with_200_mb_to_spare(bomb)
+
+
+def test_a_108_megapixel_jpeg_is_embedded_from_its_reduced_size_decode(tmp_path):
+  """A phone's 108 MP photo (12000x9000) declares more pixels than the limit, but decodes
+  at 1/8 scale: embedded, in less memory than its 324 MB of full-size pixels."""
+  photo = tmp_path / 'phone.jpg'
+  photo.write_bytes(imagegen.encode(
+      Image.radial_gradient('L').resize((12000, 9000)).convert('RGB'), quality=80))
+  assert _decode_with_200_mb_to_spare(photo) == '12000x9000'
+
+
+def test_a_jpeg_declaring_the_largest_size_is_a_failure_record(tmp_path):
+  # 65535x65535 is the most a JPEG can declare: no limit refuses it (its 1/8-scale decode
+  # is under the limit), and a tiny file behind it fails on its data.
+  bomb = tmp_path / 'bomb.jpg'
+  bomb.write_bytes(_declared_size('JPEG', 65535, 65535))
+  assert 'broken data stream' in _decode_with_200_mb_to_spare(bomb)
 
 
 def _declared_size(image_format, width, height):
@@ -214,3 +239,12 @@ def _tiff_with_size(width, height):
   ifd = struct.pack('<H', len(entries)) + b''.join(
       struct.pack('<HHII', tag, kind, count, value) for tag, kind, count, value in entries)
   return b'II*\x00' + struct.pack('<I', 8 + 1) + b'\x00' + ifd + struct.pack('<I', 0)
+
+
+def test_a_multi_picture_jpeg_is_decoded_at_reduced_size_like_a_jpeg():
+  # Phones write MPO files (a JPEG followed by more pictures); Pillow opens them as 'MPO'.
+  first, second = imagegen.photo(11, 1000, 800), imagegen.photo(12, 1000, 800)
+  mpo = imagegen.encode(first, 'MPO', save_all=True, append_images=[second], quality=90)
+  assert Image.open(io.BytesIO(mpo)).format == 'MPO'
+  np.testing.assert_array_equal(decode(mpo)[2][SIZE],
+                                decode(imagegen.encode(first, 'JPEG', quality=90))[2][SIZE])

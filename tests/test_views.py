@@ -25,6 +25,16 @@ def test_thumbnail_keeps_aspect_and_fails_soft():
   assert 'no preview' in html.figure(None, ['k'])
 
 
+def test_thumbnail_decodes_as_the_run_does():
+  # Transparent pixels on white, as the run embeds them (not their hidden colour), and a
+  # decompression bomb refused like in the run.
+  hidden_red = imagegen.encode(Image.new('RGBA', (64, 64), (255, 0, 0, 0)), 'PNG')
+  data = html.thumbnail_data_uri(hidden_red).split(',', 1)[1]
+  thumbnail = Image.open(io.BytesIO(base64.b64decode(data))).convert('RGB')
+  assert min(thumbnail.getpixel((32, 32))) > 245
+  assert html.thumbnail_data_uri(imagegen.bomb_png(12000, 12000)) is None
+
+
 def test_page_renders_in_chromium(tmp_path):
   body = html.figure(html.thumbnail_data_uri(imagegen.encode(
       Image.new('RGB', (300, 300), (255, 0, 0)))), ['<b>key</b>'])

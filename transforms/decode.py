@@ -6,14 +6,17 @@ import warnings
 
 import apache_beam as beam
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from schemas.records import FAILURES_TAG, STAGE_DECODE, DecodedImage, FailureRecord, ImageRecord
 from transforms.failures import route_failures
 
-# An image declaring more pixels than this is refused before its pixels are decoded:
-# a small file can declare enormous dimensions (a "decompression bomb").
+# An image that would decode to more pixels than this is refused before its pixels are
+# decoded: a small file can declare enormous dimensions (a "decompression bomb"). A JPEG
+# counts the pixels of its reduced-size decode, so a 200-megapixel phone photo (3 million
+# pixels at 1/8 scale) is embedded; other formats decode in full.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's warning threshold, about 89 million
+_JPEG_START = b'\xff\xd8\xff'
 # JPEG draft (DCT-domain downscaling) keeps at least this multiple of the target size.
 # libjpeg's scaled IDCT is itself a proper low-pass (1/8 scale averages each 8x8 block),
 # so decoding straight to between 1x and 2x the target loses nothing the final
@@ -76,36 +79,48 @@ def _orientation(image):
     return 1  # unreadable EXIF: the pixels are still good
 
 
-def decode_image(data, sizes):
-  """Encoded image bytes -> (width, height, {(h, w): uint8 array (h, w, 3)}).
+def load_image(data, draft_side):
+  """Encoded image bytes -> (upright RGB Pillow image, width, height).
 
-  width and height are the original image's, after EXIF orientation. Raises
+  A JPEG is decoded at reduced size, to no less than draft_side on each side when it is
+  larger; width and height are the original image's, after EXIF orientation. Raises
   ImageDecodeError (or Pillow's own error) for anything that is not a decodable image.
   """
   if not data:
     raise ImageDecodeError('empty file (0 bytes)')
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('error', Image.DecompressionBombWarning)
-      image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+    if data.startswith(_JPEG_START):
+      # Opened by the JPEG plugin itself: Image.open would refuse a JPEG by its declared
+      # size, before the reduced-size decode that the check below counts. The factory
+      # still tells an MPO (a phone's multi-picture JPEG) from a plain JPEG.
+      image = JpegImagePlugin.jpeg_factory(io.BytesIO(data))
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
   except Image.UnidentifiedImageError as e:
     raise ImageDecodeError('unsupported or unrecognized image format') from e
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise ImageDecodeError('%s (possible decompression bomb)' % e) from e
   width, height = image.size
-  if width * height > MAX_IMAGE_PIXELS:
+  if isinstance(image, JpegImagePlugin.JpegImageFile):
+    image.draft(None, (draft_side, draft_side))
+  if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
     raise ImageDecodeError('image declares %dx%d pixels, more than the limit of %d '
                            '(possible decompression bomb)' % (width, height, MAX_IMAGE_PIXELS))
   orientation = _orientation(image)
   if orientation in _ROTATING_ORIENTATIONS:
     width, height = height, width
-  if image.format == 'JPEG':
-    largest = max(max(size) for size in sizes)
-    image.draft(None, (largest * DRAFT_MARGIN, largest * DRAFT_MARGIN))
   image.load()  # animated formats: the first frame
   if orientation != 1:
     image = ImageOps.exif_transpose(image)
-  image = _to_rgb(image)
+  return _to_rgb(image), width, height
+
+
+def decode_image(data, sizes):
+  """Encoded image bytes -> (width, height, {(h, w): uint8 array (h, w, 3)}), see
+  load_image."""
+  image, width, height = load_image(data, max(max(size) for size in sizes) * DRAFT_MARGIN)
   pixels = {}
   for size in sizes:
     target_height, target_width = size

@@ -4,9 +4,7 @@ import base64
 import html
 import io
 
-from PIL import Image, ImageOps
-
-from transforms.decode import DECODABLE_FORMATS
+from transforms.decode import load_image
 
 THUMBNAIL_SIDE = 160
 
@@ -32,12 +30,11 @@ def thumbnail_data_uri(data, side=THUMBNAIL_SIDE):
   """Encoded image bytes -> a small JPEG data: URI (aspect ratio kept), or None when the
   bytes are not a decodable image. Embedded, so the page needs no file access."""
   try:
-    image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)  # never Ghostscript
-    image.draft('RGB', (side * 2, side * 2))
-    image = ImageOps.exif_transpose(image)
+    # As the run decodes: the same formats, size limit and colour conversion.
+    image, _, _ = load_image(data, side * 2)
     image.thumbnail((side, side))
     buffer = io.BytesIO()
-    image.convert('RGB').save(buffer, format='JPEG', quality=80)
+    image.save(buffer, format='JPEG', quality=80)
   except Exception:  # pylint: disable=broad-except
     return None
   return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
