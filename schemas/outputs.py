@@ -143,9 +143,16 @@ def write_atomically(path, write, mime_type='application/octet-stream'):
   temporary = path + TEMPORARY_SUFFIX
   with FileSystems.create(temporary, mime_type=mime_type) as f:
     write(f)
-  if FileSystems.exists(path):
-    FileSystems.delete([path])
-  FileSystems.rename([temporary], [path])
+  try:
+    # Replaces the target in one step where the filesystem can (a local rename, a GCS
+    # copy): deleting it first would leave a moment with no file, and a finished run
+    # without its manifest if the process died then.
+    FileSystems.rename([temporary], [path])
+  except Exception:  # pylint: disable=broad-except
+    if not FileSystems.exists(path):
+      raise
+    FileSystems.delete([path])  # a filesystem that refuses to rename onto a file
+    FileSystems.rename([temporary], [path])
 
 
 def write_json(path, value):
