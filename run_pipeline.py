@@ -13,7 +13,7 @@ def main(argv=None):
   from apache_beam.options import pipeline_options as beam_options  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_pipeline  # pylint: disable=import-outside-toplevel
   from pipeline import runners  # pylint: disable=import-outside-toplevel
-  from pipeline.resume import prepare_output_dir  # pylint: disable=import-outside-toplevel
+  from pipeline.resume import prepare_output_dir, unmark_being_written  # pylint: disable=import-outside-toplevel
   from pipeline.progress import live_progress  # pylint: disable=import-outside-toplevel
   from pipeline.summary import format_summary  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
@@ -41,19 +41,23 @@ def main(argv=None):
   if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
     prepare_output_dir(config.out_dir, config.resume, args.overwrite)
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
-  with live_progress(config, runner, args.progress_seconds) as metrics:
-    build_pipeline(pipeline, config, metrics)
-    result = pipeline.run()
-    result.wait_until_finish()
-  if args.dry_run:
-    print(runners.dry_run_summary(result))
-    return result
-  manifest_path = outputs.output_path(config.out_dir, outputs.MANIFEST_FILE)
-  if outputs.FileSystems.exists(manifest_path):
-    if not args.no_report:
-      write_report_or_warn(config.out_dir)
-    print(format_summary(outputs.read_json(manifest_path), config.out_dir,
-                         with_report=not args.no_report))
+  try:
+    with live_progress(config, runner, args.progress_seconds) as metrics:
+      build_pipeline(pipeline, config, metrics)
+      result = pipeline.run()
+      result.wait_until_finish()
+    if args.dry_run:
+      print(runners.dry_run_summary(result))
+      return result
+    manifest_path = outputs.output_path(config.out_dir, outputs.MANIFEST_FILE)
+    if outputs.FileSystems.exists(manifest_path):
+      if not args.no_report:
+        write_report_or_warn(config.out_dir)
+      print(format_summary(outputs.read_json(manifest_path), config.out_dir,
+                           with_report=not args.no_report))
+  finally:
+    if not args.dry_run:
+      unmark_being_written(config.out_dir)
   return result
 
 
@@ -72,18 +76,23 @@ def rebuild_indexes(parser, args, pipeline_options):
   """--index_only: the index stage alone over a finished run's Parquet."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
+  from pipeline.resume import mark_being_written, unmark_being_written  # pylint: disable=import-outside-toplevel
+  from schemas import outputs  # pylint: disable=import-outside-toplevel
   try:
     config = make_index_only_config(args)
   except UsageError as e:
     parser.error(str(e))
   pipeline = beam.Pipeline(options=pipeline_options)
   build_index_only_pipeline(pipeline, config)
-  result = pipeline.run()
-  result.wait_until_finish()
-  from schemas import outputs  # pylint: disable=import-outside-toplevel
-  manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
-  if not args.no_report:
-    write_report_or_warn(config.out_dir)  # it shows the index figures
+  mark_being_written(config.out_dir)
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+    manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
+    if not args.no_report:
+      write_report_or_warn(config.out_dir)  # it shows the index figures
+  finally:
+    unmark_being_written(config.out_dir)
   for model in manifest['models']:
     info = model['index'] or {}
     if model['name'] in config.model_names:

@@ -10,7 +10,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from pipeline.graph import IndexOnlyConfig, JobConfig, utc_now
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
-from pipeline.resume import OutputDirError, check_output_dir, resume_state
+from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
+                             resume_state)
 from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
 from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
@@ -246,6 +247,10 @@ def make_index_only_config(args):
     raise UsageError('--index_only rebuilds the indexes of --output; it takes no --input')
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
+  try:
+    check_not_being_written(out_dir)
+  except OutputDirError as e:
+    raise UsageError(str(e)) from e
   manifest_path = outputs.output_path(out_dir, outputs.MANIFEST_FILE)
   if not outputs.FileSystems.exists(manifest_path):
     raise UsageError('--output %s holds no finished run (no %s)'

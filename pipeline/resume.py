@@ -1,6 +1,9 @@
 """An existing output directory: refuse it, overwrite it, or resume the run it holds."""
 
+import datetime
 import glob
+import os
+import socket
 import uuid
 from typing import NamedTuple, Tuple
 
@@ -104,11 +107,82 @@ def completed_parts(out_dir, model_specs):
   return tuple(parts)
 
 
+def _process_start(pid):
+  """When a process of this machine started (clock ticks since boot), or None when it
+  does not exist or there is no /proc. With the pid it names one process: pids are
+  reused, start times of the same pid are not."""
+  try:
+    with open('/proc/%d/stat' % pid, encoding='ascii', errors='replace') as f:
+      return int(f.read().rsplit(')', 1)[1].split()[19])  # field 22, starttime
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _writer_alive(writer):
+  """Whether the process a running-file names still runs. On another machine that
+  cannot be told, and it is taken to run."""
+  if writer.get('host') != socket.gethostname():
+    return True
+  pid = int(writer.get('pid', 0))
+  if _process_start(os.getpid()) is None:  # no /proc here: ask the kernel
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return False
+    except OSError:
+      return True  # it exists, under another user
+    return True
+  return _process_start(pid) == writer.get('process_start')
+
+
+def check_not_being_written(out_dir):
+  """Refuses (OutputDirError) an out_dir that another run or index rebuild is writing.
+  A running-file left by a run that was killed on this machine is ignored."""
+  path = outputs.output_path(out_dir, outputs.RUNNING_FILE)
+  if not FileSystems.exists(path):
+    return
+  try:
+    writer = outputs.read_json(path)
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable: the half-written file of a run killed as it started
+  if not _writer_alive(writer):
+    return
+  if writer.get('host') == socket.gethostname():
+    raise OutputDirError('--output %s is being written by another run (process %s, started '
+                         '%s); wait for it to end, or stop it' % (
+                             out_dir, writer.get('pid'), writer.get('started_at')))
+  raise OutputDirError('--output %s may be being written by a run on %s (process %s, '
+                       'started %s); if that run has stopped, delete %s and try again' % (
+                           out_dir, writer.get('host'), writer.get('pid'),
+                           writer.get('started_at'), path))
+
+
+def mark_being_written(out_dir):
+  """Writes out_dir's running-file, naming this process."""
+  outputs.write_json(outputs.output_path(out_dir, outputs.RUNNING_FILE), {
+      'host': socket.gethostname(), 'pid': os.getpid(),
+      'process_start': _process_start(os.getpid()),
+      'started_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds')})
+
+
+def unmark_being_written(out_dir):
+  """Deletes out_dir's running-file if this process wrote it."""
+  path = outputs.output_path(out_dir, outputs.RUNNING_FILE)
+  try:
+    if FileSystems.exists(path) and outputs.read_json(path).get('pid') == os.getpid():
+      FileSystems.delete([path])
+  except Exception:  # pylint: disable=broad-except
+    pass  # a stale running-file is ignored by the next run on this machine
+
+
 def check_output_dir(out_dir, resume=False, overwrite=False):
-  """Refuses (OutputDirError) an out_dir holding a run, unless told what to do with it.
-  Nothing is changed here: see prepare_output_dir."""
+  """Refuses (OutputDirError) an out_dir holding a run, unless told what to do with it,
+  and one that another run is writing. Nothing is changed here: see
+  prepare_output_dir."""
   if resume and overwrite:
     raise OutputDirError('--resume and --overwrite exclude each other')
+  check_not_being_written(out_dir)
   if resume or overwrite:
     return
   if FileSystems.exists(outputs.output_path(out_dir, outputs.MANIFEST_FILE)):
@@ -136,6 +210,7 @@ def prepare_output_dir(out_dir, resume_state, overwrite=False):
   elif resume_state is not None:
     delete_paths([outputs.output_path(out_dir, outputs.MANIFEST_FILE)]
                  + unfinished_leftovers(out_dir))
+  mark_being_written(out_dir)
 
 
 def earlier_failure_files(out_dir, run_tag):

@@ -17,6 +17,9 @@ INDEX_FILE = 'index.faiss'
 INDEX_IDS_FILE = 'index_ids.parquet'
 INDEX_INFO_FILE = 'index_info.json'
 REPORT_FILE = 'report.html'
+# Who is writing OUT/ now (host, process); present only while a run or an index rebuild
+# is under way, so that a second one is refused instead of mixing its files in.
+RUNNING_FILE = '.running.json'
 # Temporary files of an index build beside the index (trained empty index, filled parts);
 # deleted when the build finishes.
 INDEX_BUILD_PREFIX = 'index-build-'

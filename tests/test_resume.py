@@ -193,7 +193,45 @@ def test_killed_run_resumed_equals_uninterrupted_run(tmp_path, uninterrupted, in
   assert not (out / 'manifest.json').exists()
   for part in _final_parts(out):  # a part under its final name is always whole
     assert pq.read_metadata(part).num_rows > 0
+  # The killed run's running-file names a process that is gone: it does not block.
+  assert json.loads((out / outputs.RUNNING_FILE).read_text())['pid'] == process.pid
 
   run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
 
   assert_same_output(out, uninterrupted)
+  assert not (out / outputs.RUNNING_FILE).exists()
+
+
+@pytest.mark.parametrize('host,expected', [
+    (None, 'is being written by another run (process'),
+    ('elsewhere.example', 'may be being written by a run on elsewhere.example'),
+])
+def test_an_output_being_written_is_refused(tmp_path, uninterrupted, inputs, test_models,
+                                            capsys, host, expected):
+  """A second run (even with --overwrite or --resume) or an index rebuild into an output
+  that a live run is writing stops at launch; here the live writer is this test."""
+  import socket  # pylint: disable=import-outside-toplevel
+  from pipeline import resume  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  resume.mark_being_written(str(out))
+  if host:
+    writer = json.loads((out / outputs.RUNNING_FILE).read_text())
+    (out / outputs.RUNNING_FILE).write_text(json.dumps(dict(writer, host=host)))
+  assert socket.gethostname() != 'elsewhere.example'
+  before = (out / 'manifest.json').read_bytes()
+  for extra in (['--overwrite'], ['--resume']):
+    with pytest.raises(SystemExit) as exit_info:
+      run_pipeline.main(job_args(inputs, out, test_models, *extra))
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(['--output', str(out), '--index_only', *IN_PROCESS])
+  assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+  assert (out / 'manifest.json').read_bytes() == before
+  # The one that wrote it clears it; then the output is free again.
+  (out / outputs.RUNNING_FILE).unlink()
+  resume.mark_being_written(str(out))
+  resume.unmark_being_written(str(out))
+  assert not (out / outputs.RUNNING_FILE).exists()
+  resume.check_output_dir(str(out), resume=True)
