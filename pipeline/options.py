@@ -270,12 +270,18 @@ def make_index_only_config(args):
                          options={k: v for k, v in vars(args).items()})
 
 
+# Files the launcher lists per --input pattern: enough to see that it matches and whether
+# it matches shards, without listing millions of objects (and holding their names) before
+# a Dataflow job is even submitted; the workers list everything.
+LISTED_AT_LAUNCH = 10000
+
+
 def _check_patterns(given, patterns):
-  """Lists the patterns (as given, and as they will be matched); returns every matched
-  path."""
+  """Lists the patterns (as given, and as they will be matched); returns the paths
+  listed, up to LISTED_AT_LAUNCH per pattern."""
   paths = []
   for given_pattern, pattern in zip(given, patterns):
-    matched = match_pattern(pattern)
+    matched = match_pattern(pattern, LISTED_AT_LAUNCH)
     if not matched:
       raise UsageError('--input %s matches no files' % given_pattern)
     paths.extend(metadata.path for metadata in matched)
@@ -320,7 +326,8 @@ def make_config(args, probe_in_subprocess=False):
       started_unix=time.time(), resume=resume,
       index_type=args.index_type, index_memory_budget=args.index_memory_budget,
       # The listing above already says whether a shuffle of every image's bytes is
-      # needed: only shards hold many images per matched file.
+      # needed: only shards hold many images per matched file. A pattern matching more
+      # files than were listed is judged by the first ones.
       spread_records=holds_shards(matched, args.input_format))
 
 

@@ -329,6 +329,39 @@ def test_remote_patterns_follow_the_same_rules():
     memory_filesystem.clear()
 
 
+def test_a_limited_listing_stops_early_and_still_finds_a_match():
+  import memory_filesystem  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  memory_filesystem.clear()
+  base = memory_filesystem.PREFIX + 'bucket/photos'
+  try:
+    # Listed first, and matched by the widened 'photos/**IMG*.jpg' that Beam is given,
+    # but not by the pattern itself.
+    for name in ('aIMG1.jpg', 'aIMG2.jpg', 'd/IMG3.jpg', 'd/IMG4.jpg', 'd/IMG5.jpg'):
+      with FileSystems.create(base + '/' + name) as f:
+        f.write(b'x')
+    pattern = base + '/**/IMG*.jpg'
+    assert _matched(pattern) == [base + '/d/IMG%d.jpg' % n for n in (3, 4, 5)]
+    assert len(read.match_pattern(pattern, limit=2)) == 2
+    assert [m.path for m in read.match_pattern(pattern, limit=1)] == [base + '/d/IMG3.jpg']
+  finally:
+    memory_filesystem.clear()
+
+
+def test_launch_lists_a_sample_of_each_pattern(tmp_path, test_models, monkeypatch):
+  from pipeline import options  # pylint: disable=import-outside-toplevel
+  for n in range(6):
+    (tmp_path / ('%d.jpg' % n)).write_bytes(b'x')
+  (tmp_path / 'z.tfrecord').write_bytes(b'')  # beyond the sample: judged by the first
+  monkeypatch.setattr(options, 'LISTED_AT_LAUNCH', 3)
+  args = options.build_parser().parse_args(
+      ['--input', str(tmp_path / '*'), '--output', str(tmp_path / 'out'),
+       '--model', 'v1=' + test_models['v1_tf1']])
+  assert options.make_config(args).spread_records is False
+  monkeypatch.setattr(options, 'LISTED_AT_LAUNCH', 10)
+  assert options.make_config(args).spread_records is True
+
+
 def test_a_run_over_a_folder_reads_everything_below_it(tmp_path, test_models):
   import imagegen  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,7 @@
 """Read stage: input patterns -> ImageRecords (files, TFRecord shards, WebDataset tars)."""
 
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -106,29 +107,44 @@ def _local_metadata(path):
   return FileMetadata(path, status.st_size, status.st_mtime)
 
 
-def match_pattern(pattern):
-  """One input pattern -> the FileMetadata of every file it matches, sorted by path.
+def iter_matches(pattern, limit=None):
+  """One input pattern -> FileMetadata of every file it matches, in listing order.
 
   The launcher's check, the progress total and the read stage all list through here.
-  Local folders are walked following symbolic links; other filesystems are listed by
-  Beam with '**/' widened to '**', then filtered.
+  Local folders are walked lazily, following symbolic links; other filesystems are
+  listed by Beam (up to limit matches, when given) with '**/' widened to '**', then
+  filtered.
   """
   if not is_glob(pattern):
     matched = FileSystems.match([pattern])[0].metadata_list
     if not matched and '://' not in pattern and os.path.lexists(pattern):
       matched = [FileMetadata(pattern, 0, 0.0)]  # a dangling link
-    return matched
+    yield from matched
+    return
   regex = pattern_regex(pattern)
   if '://' in pattern:
-    listed = FileSystems.match([pattern.replace(_FOLDER_GLOBSTAR, '/**')])[0].metadata_list
-    return sorted((m for m in listed if regex.match(m.path)), key=lambda m: m.path)
+    widened = pattern.replace(_FOLDER_GLOBSTAR, '/**')
+    listed = FileSystems.match([widened], [limit])[0].metadata_list
+    found = [metadata for metadata in listed if regex.match(metadata.path)]
+    if not found and limit is not None and len(listed) >= limit:
+      # The widened pattern's first matches were all outside the pattern: list it all.
+      found = [metadata for metadata in FileSystems.match([widened])[0].metadata_list
+               if regex.match(metadata.path)]
+    yield from found
+    return
   literal = pattern[:_BEAM_GLOB_CHARS.search(pattern).start()]
   top = literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
-  if not os.path.isdir(top):
-    return []
-  return sorted((metadata for metadata in map(_local_metadata,
-                                               filter(regex.match, _walk_files(top)))
-                 if metadata is not None), key=lambda metadata: metadata.path)
+  if os.path.isdir(top):
+    for metadata in map(_local_metadata, filter(regex.match, _walk_files(top))):
+      if metadata is not None:
+        yield metadata
+
+
+def match_pattern(pattern, limit=None):
+  """iter_matches as a list sorted by path; with a limit, at most that many (the first
+  found: the listing stops there)."""
+  return sorted(itertools.islice(iter_matches(pattern, limit), limit),
+                key=lambda metadata: metadata.path)
 
 
 def common_root(patterns):
@@ -436,7 +452,7 @@ class ReadImages(beam.PTransform):
   def expand(self, pbegin):
     matched = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
-               | 'Match' >> beam.FlatMap(match_pattern))
+               | 'Match' >> beam.FlatMap(iter_matches))
     if len(self._patterns) > 1:
       # Drops files matched by two patterns, and spreads the paths across workers.
       paths = (matched
