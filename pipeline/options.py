@@ -9,6 +9,7 @@ import time
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from pipeline.graph import IndexOnlyConfig, JobConfig, utc_now
+from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
                              resume_state)
@@ -16,7 +17,7 @@ from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
 from schemas import outputs
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
-from transforms.models import ModelUnavailableError, probe_models
+from transforms.models import ModelUnavailableError
 from transforms.read import (INPUT_FORMATS, common_root, folder_as_pattern, holds_shards,
                              match_pattern, normalize_pattern)
 
@@ -309,8 +310,9 @@ def make_config(args, probe_in_subprocess=False):
     raise UsageError(str(e)) from e
   try:
     # Local handles are made absolute: workers and the query script run elsewhere.
-    specs = probe_models([spec._replace(handle=normalize_pattern(spec.handle))
-                          for spec in parse_model_specs(args.model)], probe_in_subprocess)
+    specs = probe_models_remembered(
+        [spec._replace(handle=normalize_pattern(spec.handle))
+         for spec in parse_model_specs(args.model)], probe_in_subprocess)
   except (ModelSpecError, ModelUnavailableError) as e:
     raise UsageError(str(e)) from e
   try:

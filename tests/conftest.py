@@ -1,10 +1,12 @@
 """Shared fixtures: test models built once per session, generated photos, ../shared data."""
 
+import atexit
 import hashlib
 import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +15,10 @@ SHARED = PROJECT.parent / 'shared'
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / 'tests'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Remembered model probes go to a folder of this session (subprocesses inherit it), never
+# the user's cache: every session probes each test model once, for real.
+os.environ['BEAM_IMAGE_EMBEDDINGS_CACHE'] = tempfile.mkdtemp(prefix='probe-cache-')
+atexit.register(shutil.rmtree, os.environ['BEAM_IMAGE_EMBEDDINGS_CACHE'], True)
 
 CORAL_V1 = SHARED / 'models' / 'coral' / 'mobilenet_v1_0.5_160_quant.tflite'
 CORAL_V1_FEATURES = 'MobilenetV1/Logits/AvgPool_1a/AvgPool'

@@ -59,12 +59,17 @@ def hub_download_url(handle):
   return handle.rstrip('/') + '?tf-hub-format=compressed'
 
 
+def hub_cache_target(handle):
+  """The local directory a hub URL's SavedModel is (or will be) downloaded to."""
+  return os.path.join(hub_cache_dir(), hashlib.sha1(handle.encode()).hexdigest())
+
+
 def resolve_hub_handle(handle, timeout=HUB_DOWNLOAD_TIMEOUT_S):
   """A hub URL -> a local directory holding its SavedModel, downloading it once.
 
   Fails fast with ModelUnavailableError, whose message says how to use a local copy.
   """
-  target = os.path.join(hub_cache_dir(), hashlib.sha1(handle.encode()).hexdigest())
+  target = hub_cache_target(handle)
   if os.path.exists(os.path.join(target, 'saved_model.pb')):
     return target
   url = hub_download_url(handle)
