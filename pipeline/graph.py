@@ -130,7 +130,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   has a folder)."""
   metrics = metrics or run_metrics.RunMetrics()
   read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
-                                               config.root, metrics, config.spread_records)
+                                               config.root, metrics, config.spread_records,
+                                               excluded=config.out_dir)
   run_tag = config.resume.run_tag if config.resume else None
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
                             ) if config.resume else None

@@ -277,14 +277,15 @@ def make_index_only_config(args):
 LISTED_AT_LAUNCH = 10000
 
 
-def _check_patterns(given, patterns):
-  """Lists the patterns (as given, and as they will be matched); returns the paths
-  listed, up to LISTED_AT_LAUNCH per pattern."""
+def _check_patterns(given, patterns, out_dir):
+  """Lists the patterns (as given, and as they will be matched), leaving out the output
+  folder; returns the paths listed, up to LISTED_AT_LAUNCH per pattern."""
   paths = []
   for given_pattern, pattern in zip(given, patterns):
-    matched = match_pattern(pattern, LISTED_AT_LAUNCH)
+    matched = match_pattern(pattern, LISTED_AT_LAUNCH, excluded=out_dir)
     if not matched:
-      raise UsageError('--input %s matches no files' % given_pattern)
+      raise UsageError('--input %s matches no files%s' % (
+          given_pattern, ' outside --output' if match_pattern(pattern, 1) else ''))
     paths.extend(metadata.path for metadata in matched)
   return paths
 
@@ -295,15 +296,15 @@ def make_config(args, probe_in_subprocess=False):
   if not args.input:
     raise UsageError('the following arguments are required: --input')
   _check_memory_budget(args)
-  check_output(normalize_pattern(args.output))
+  out_dir = normalize_pattern(args.output)
+  check_output(out_dir)
   try:
     patterns = [folder_as_pattern(normalize_pattern(p)) for p in args.input]
-    matched = _check_patterns(args.input, patterns)
+    matched = _check_patterns(args.input, patterns, out_dir)
   except UsageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError('cannot list --input: %s' % e) from e
-  out_dir = normalize_pattern(args.output)
   try:
     check_output_dir(out_dir, args.resume, args.overwrite)
   except OutputDirError as e:

@@ -10,7 +10,7 @@ import time
 
 from pipeline.runners import short_runner_name
 from transforms import metrics as run_metrics
-from transforms.read import format_of, match_pattern
+from transforms.read import format_of, iter_matches
 
 TERMINAL_REFRESH_SECONDS = 2
 # Images per second are measured over this much recent time, so the estimate follows the
@@ -21,9 +21,11 @@ RATE_WINDOW_SECONDS = 60
 REMOTE_RUNNERS = ('dataflow', 'testdataflow')  # as runners.short_runner_name gives them
 
 
-def count_input_files(patterns, input_format):
-  """(number of distinct matched files, whether each of them is one image)."""
-  paths = {metadata.path for pattern in patterns for metadata in match_pattern(pattern)}
+def count_input_files(patterns, input_format, excluded=None):
+  """(number of distinct matched files outside the folder excluded, whether each of
+  them is one image)."""
+  paths = {metadata.path for pattern in patterns
+           for metadata in iter_matches(pattern, excluded=excluded)}
   return len(paths), all(format_of(p, input_format) == 'files' for p in paths)
 
 
@@ -96,11 +98,12 @@ class ProgressReporter:
   redrawn in place every 2 s on a terminal, else one line every `interval` seconds."""
 
   def __init__(self, progress_dir, model_names, patterns, input_format, interval,
-               stream=None, clock=time.monotonic):
+               stream=None, clock=time.monotonic, excluded=None):
     self._progress_dir = progress_dir
     self._model_names = list(model_names)
     self._patterns = list(patterns)
     self._input_format = input_format
+    self._excluded = excluded  # the output folder: never input
     self._stream = stream or sys.stderr
     self._terminal = self._stream.isatty()
     self._interval = TERMINAL_REFRESH_SECONDS if self._terminal else interval
@@ -115,7 +118,7 @@ class ProgressReporter:
   def _count_inputs(self):
     try:
       self._input_files, self._files_are_images = count_input_files(
-          self._patterns, self._input_format)
+          self._patterns, self._input_format, self._excluded)
     except Exception:  # pylint: disable=broad-except
       pass  # no total, no estimate; the counts still show
 
@@ -169,7 +172,8 @@ def live_progress(config, runner, interval):
     return
   progress_dir = tempfile.mkdtemp(prefix='embedding-progress-')
   reporter = ProgressReporter(progress_dir, [spec.name for spec in config.models],
-                              config.patterns, config.input_format, interval).start()
+                              config.patterns, config.input_format, interval,
+                              excluded=config.out_dir).start()
   try:
     yield run_metrics.RunMetrics(progress_dir)
   finally:

@@ -385,3 +385,26 @@ def test_a_run_over_a_folder_reads_everything_below_it(tmp_path, test_models):
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['input']['patterns'] == [str(photos) + '/**']
   assert manifest['counts']['read'] == 4 and manifest['counts']['reconciled'] is True
+
+
+def test_an_output_inside_the_input_folder_is_never_read_back(tmp_path, test_models, capsys):
+  import imagegen  # pylint: disable=import-outside-toplevel
+  import run_pipeline  # pylint: disable=import-outside-toplevel
+  from conftest import IN_PROCESS  # pylint: disable=import-outside-toplevel
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for n in range(3):
+    (photos / ('%d.jpg' % n)).write_bytes(imagegen.encode(imagegen.photo(n, 64, 48)))
+  out = photos / 'embeddings-run'
+  job = ['--input', str(photos), '--output', str(out), '--model', 'v3=' + test_models['v3_tf2'],
+         *IN_PROCESS]
+  run_pipeline.main(job)
+  run_pipeline.main(job + ['--resume'])  # the first run's outputs now lie under photos/
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['counts']['read'] == 3 and manifest['counts']['decode_failed'] == 0
+  assert [m.path for m in read.match_pattern(str(photos) + '/**', excluded=str(out))] == [
+      str(photos / ('%d.jpg' % n)) for n in range(3)]
+  with pytest.raises(SystemExit):
+    run_pipeline.main(['--input', str(out), '--output', str(out), '--overwrite',
+                       '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS])
+  assert 'matches no files outside --output' in capsys.readouterr().err

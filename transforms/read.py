@@ -107,43 +107,52 @@ def _local_metadata(path):
   return FileMetadata(path, status.st_size, status.st_mtime)
 
 
-def iter_matches(pattern, limit=None):
-  """One input pattern -> FileMetadata of every file it matches, in listing order.
+def iter_matches(pattern, limit=None, excluded=None):
+  """One input pattern -> FileMetadata of every file it matches, in listing order,
+  except files under the folder `excluded` (the run's own output, which a pattern over
+  a parent folder would otherwise read back as input).
 
   The launcher's check, the progress total and the read stage all list through here.
   Local folders are walked lazily, following symbolic links; other filesystems are
   listed by Beam (up to limit matches, when given) with '**/' widened to '**', then
   filtered.
   """
+  excluded_prefix = excluded.rstrip('/') + '/' if excluded else None
+
+  def wanted(path, regex=None):
+    return ((regex is None or regex.match(path)) and
+            not (excluded_prefix and path.startswith(excluded_prefix)))
+
   if not is_glob(pattern):
     matched = FileSystems.match([pattern])[0].metadata_list
     if not matched and '://' not in pattern and os.path.lexists(pattern):
       matched = [FileMetadata(pattern, 0, 0.0)]  # a dangling link
-    yield from matched
+    yield from (metadata for metadata in matched if wanted(metadata.path))
     return
   regex = pattern_regex(pattern)
   if '://' in pattern:
     widened = pattern.replace(_FOLDER_GLOBSTAR, '/**')
     listed = FileSystems.match([widened], [limit])[0].metadata_list
-    found = [metadata for metadata in listed if regex.match(metadata.path)]
+    found = [metadata for metadata in listed if wanted(metadata.path, regex)]
     if not found and limit is not None and len(listed) >= limit:
-      # The widened pattern's first matches were all outside the pattern: list it all.
+      # The widened pattern's first matches were all left out: list it all.
       found = [metadata for metadata in FileSystems.match([widened])[0].metadata_list
-               if regex.match(metadata.path)]
+               if wanted(metadata.path, regex)]
     yield from found
     return
   literal = pattern[:_BEAM_GLOB_CHARS.search(pattern).start()]
   top = literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
   if os.path.isdir(top):
-    for metadata in map(_local_metadata, filter(regex.match, _walk_files(top))):
+    paths = (path for path in _walk_files(top) if wanted(path, regex))
+    for metadata in map(_local_metadata, paths):
       if metadata is not None:
         yield metadata
 
 
-def match_pattern(pattern, limit=None):
+def match_pattern(pattern, limit=None, excluded=None):
   """iter_matches as a list sorted by path; with a limit, at most that many (the first
   found: the listing stops there)."""
-  return sorted(itertools.islice(iter_matches(pattern, limit), limit),
+  return sorted(itertools.islice(iter_matches(pattern, limit, excluded), limit),
                 key=lambda metadata: metadata.path)
 
 
@@ -438,11 +447,13 @@ class ReadImages(beam.PTransform):
   """Input patterns -> ReadOutputs: ImageRecords and FailureRecords (stage read)."""
 
   def __init__(self, patterns, input_format='auto', root=None, metrics=None,
-               spread_records=None):
+               spread_records=None, excluded=None):
     """spread_records: whether to shuffle the image records across workers (for shards);
-    None decides from the patterns alone (may_hold_shards)."""
+    None decides from the patterns alone (may_hold_shards). excluded: a folder whose
+    files are never input (the run's output)."""
     super().__init__()
     self._patterns = list(patterns)
+    self._excluded = excluded
     self._input_format = input_format
     self._root = common_root(self._patterns) if root is None else root
     self._metrics = metrics
@@ -452,7 +463,7 @@ class ReadImages(beam.PTransform):
   def expand(self, pbegin):
     matched = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
-               | 'Match' >> beam.FlatMap(iter_matches))
+               | 'Match' >> beam.FlatMap(iter_matches, excluded=self._excluded))
     if len(self._patterns) > 1:
       # Drops files matched by two patterns, and spreads the paths across workers.
       paths = (matched
