@@ -24,7 +24,10 @@ TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrec', '.tfrecord.gz', '.tfre
 WEBDATASET_SUFFIXES = ('.tar',)
 WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
-_GLOB_CHARS = re.compile(r'[*?\[{]')
+# Beam's glob characters (its translate_pattern knows no braces).
+_GLOB_CHARS = re.compile(r'[*?\[]')
+_FOLDER_GLOBSTAR = '/**/'
+
 # Matched paths travel to the readers in chunks: small beside any worker's share of a
 # run, large enough that the shuffle handles few elements. A chunk holds up to this many
 # units, a file weighing one unit per started BYTES_PER_CHUNK_UNIT: 32 small photos, or a
@@ -42,13 +45,8 @@ def normalize_pattern(pattern):
   return os.path.abspath(os.path.expanduser(pattern))
 
 
-# Beam's glob characters (translate_pattern knows no braces).
-_BEAM_GLOB_CHARS = re.compile(r'[*?\[]')
-_FOLDER_GLOBSTAR = '/**/'
-
-
 def is_glob(pattern):
-  return _BEAM_GLOB_CHARS.search(pattern) is not None
+  return _GLOB_CHARS.search(pattern) is not None
 
 
 def folder_as_pattern(pattern):
@@ -140,7 +138,7 @@ def iter_matches(pattern, limit=None, excluded=None):
                if wanted(metadata.path, regex)]
     yield from found
     return
-  literal = pattern[:_BEAM_GLOB_CHARS.search(pattern).start()]
+  literal = pattern[:_GLOB_CHARS.search(pattern).start()]
   top = literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
   if os.path.isdir(top):
     paths = (path for path in _walk_files(top) if wanted(path, regex))
