@@ -123,7 +123,9 @@ def _writer_alive(writer):
   cannot be told, and it is taken to run."""
   if writer.get('host') != socket.gethostname():
     return True
-  pid = int(writer.get('pid', 0))
+  pid = int(writer.get('pid') or 0)
+  if pid <= 0:
+    return False  # os.kill(0, ...) would ask about this process's whole group
   if _process_start(os.getpid()) is None:  # no /proc here: ask the kernel
     try:
       os.kill(pid, 0)
