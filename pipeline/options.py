@@ -19,7 +19,7 @@ from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
 from transforms.models import ModelUnavailableError
 from transforms.read import (INPUT_FORMATS, common_root, folder_as_pattern, holds_shards,
-                             match_pattern, normalize_pattern)
+                             match_pattern, normalize_pattern, other_case_matches)
 
 
 class UsageError(ValueError):
@@ -277,6 +277,18 @@ def make_index_only_config(args):
 LISTED_AT_LAUNCH = 10000
 
 
+def _why_nothing(pattern):
+  """What to add when a pattern matches no input: that it matched only the output, or
+  files in another letter case."""
+  if match_pattern(pattern, 1):
+    return ' outside --output'
+  others = other_case_matches(pattern)
+  if others:
+    return (' (patterns are case-sensitive: %s would match in another letter case)'
+            % ', '.join(others))
+  return ''
+
+
 def _check_patterns(given, patterns, out_dir):
   """Lists the patterns (as given, and as they will be matched), leaving out the output
   folder; returns the paths listed, up to LISTED_AT_LAUNCH per pattern."""
@@ -284,8 +296,8 @@ def _check_patterns(given, patterns, out_dir):
   for given_pattern, pattern in zip(given, patterns):
     matched = match_pattern(pattern, LISTED_AT_LAUNCH, excluded=out_dir)
     if not matched:
-      raise UsageError('--input %s matches no files%s' % (
-          given_pattern, ' outside --output' if match_pattern(pattern, 1) else ''))
+      raise UsageError('--input %s matches no files%s' % (given_pattern,
+                                                          _why_nothing(pattern)))
     paths.extend(metadata.path for metadata in matched)
   return paths
 

@@ -408,3 +408,15 @@ def test_an_output_inside_the_input_folder_is_never_read_back(tmp_path, test_mod
     run_pipeline.main(['--input', str(out), '--output', str(out), '--overwrite',
                        '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS])
   assert 'matches no files outside --output' in capsys.readouterr().err
+
+
+def test_a_pattern_matching_only_in_another_case_says_so(tmp_path, capsys):
+  import run_pipeline  # pylint: disable=import-outside-toplevel
+  for name in ('IMG_0001.JPG', 'IMG_0002.JPG'):
+    (tmp_path / name).write_bytes(b'x')
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(['--input', str(tmp_path / '*.jpg'), '--output', str(tmp_path / 'out')])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert 'matches no files (patterns are case-sensitive: ' in error
+  assert str(tmp_path / 'IMG_0001.JPG') in error

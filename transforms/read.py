@@ -71,6 +71,12 @@ def pattern_regex(pattern):
   return re.compile('(?ms)' + '/(?:.*/)?'.join(bodies) + '\\Z')
 
 
+def _walk_top(pattern):
+  """The folder a local glob pattern's matches all lie under: its literal part's."""
+  literal = pattern[:_GLOB_CHARS.search(pattern).start()]
+  return literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
+
+
 def _raise(error):
   raise error
 
@@ -138,13 +144,24 @@ def iter_matches(pattern, limit=None, excluded=None):
                if wanted(metadata.path, regex)]
     yield from found
     return
-  literal = pattern[:_GLOB_CHARS.search(pattern).start()]
-  top = literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
+  top = _walk_top(pattern)
   if os.path.isdir(top):
     paths = (path for path in _walk_files(top) if wanted(path, regex))
     for metadata in map(_local_metadata, paths):
       if metadata is not None:
         yield metadata
+
+
+def other_case_matches(pattern, limit=3):
+  """Up to `limit` local paths that the pattern would match but for letter case (a
+  camera's IMG_0001.JPG under '*.jpg'): said when a pattern matches nothing."""
+  if '://' in pattern or not is_glob(pattern):
+    return []
+  regex = re.compile(pattern_regex(pattern).pattern, re.IGNORECASE)
+  top = _walk_top(pattern)
+  if not os.path.isdir(top):
+    return []
+  return list(itertools.islice(filter(regex.match, _walk_files(top)), limit))
 
 
 def match_pattern(pattern, limit=None, excluded=None):
