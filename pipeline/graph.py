@@ -1,6 +1,5 @@
 """The Beam graph: read -> decode -> embed (per model) -> write -> index -> manifest."""
 
-import datetime
 import time
 from typing import NamedTuple, Optional, Tuple
 
@@ -9,6 +8,7 @@ import apache_beam as beam
 from pipeline.resume import CompletedWork, delete_paths, earlier_failure_files
 from pipeline.versions import runtime_versions
 from schemas import outputs
+from schemas.outputs import utc_now
 from transforms.decode import PREPROCESSING, DecodeImages
 from transforms.embed import EmbedImages
 from transforms.failures import FailureReasons
@@ -36,10 +36,6 @@ class JobConfig(NamedTuple):
   # Whether the inputs matched at launch hold shards, whose records are then spread
   # across workers; None: decided from the patterns alone.
   spread_records: Optional[bool] = None
-
-
-def utc_now():
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
 def manifest_counts(facts, model_names):

@@ -8,7 +8,7 @@ import time
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from pipeline.graph import IndexOnlyConfig, JobConfig, utc_now
+from pipeline.graph import IndexOnlyConfig, JobConfig
 from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
@@ -337,7 +337,7 @@ def make_config(args, probe_in_subprocess=False):
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
-      options={k: v for k, v in vars(args).items()}, started_at=utc_now(),
+      options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
       started_unix=time.time(), resume=resume,
       index_type=args.index_type, index_memory_budget=args.index_memory_budget,
       # The listing above already says whether a shuffle of every image's bytes is

@@ -49,9 +49,10 @@ def model_files(handle):
   return sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in listed) or None
 
 
-def probe_key(spec):
-  """A digest of everything a probe's result depends on, or None when the model's files
-  cannot be listed (then it is probed, and nothing is remembered)."""
+def probe_key(spec, versions):
+  """A digest of everything a probe's result depends on (versions: runtime_versions()),
+  or None when the model's files cannot be listed (then it is probed, and nothing is
+  remembered)."""
   try:
     files = model_files(spec.handle)
   except Exception:  # pylint: disable=broad-except
@@ -59,7 +60,7 @@ def probe_key(spec):
   if files is None:
     return None
   material = {'format_version': FORMAT_VERSION, 'spec': list(spec), 'files': files,
-              'versions': runtime_versions()}
+              'versions': versions}
   return hashlib.sha256(json.dumps(material, sort_keys=True).encode('utf-8')).hexdigest()
 
 
@@ -91,9 +92,10 @@ def probe_models_remembered(specs, in_subprocess=False):
   """probe_models, except for models whose files and libraries are as they were when
   they last passed: those are not loaded again (about 3 s per launch)."""
   specs = list(specs)
+  versions = runtime_versions()
+  keys = [probe_key(spec, versions) for spec in specs]
   found = {}
-  for number, spec in enumerate(specs):
-    key = probe_key(spec)
+  for number, (spec, key) in enumerate(zip(specs, keys)):
     entry = _recall(key) if key else None
     if entry:
       found[number] = spec._replace(input_size=tuple(entry['input_size']), dim=entry['dim'],
@@ -103,7 +105,8 @@ def probe_models_remembered(specs, in_subprocess=False):
     for number, probed in zip(missing, probe_models([specs[n] for n in missing],
                                                     in_subprocess)):
       found[number] = probed
-      key = probe_key(specs[number])  # after the probe: a hub model is downloaded now
+      # A hub model has files only once the probe downloaded it.
+      key = keys[number] or probe_key(specs[number], versions)
       if key:
         _remember(key, probed)
   return [found[number] for number in range(len(specs))]

@@ -1,6 +1,5 @@
 """An existing output directory: refuse it, overwrite it, or resume the run it holds."""
 
-import datetime
 import glob
 import os
 import socket
@@ -164,8 +163,7 @@ def mark_being_written(out_dir):
   outputs.write_json(outputs.output_path(out_dir, outputs.RUNNING_FILE), {
       'host': socket.gethostname(), 'pid': os.getpid(),
       'process_start': _process_start(os.getpid()),
-      'started_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds')})
+      'started_at': outputs.utc_now()})
 
 
 def unmark_being_written(out_dir):

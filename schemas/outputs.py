@@ -1,5 +1,6 @@
 """Where every output file lives and what its columns are: the single source of truth."""
 
+import datetime
 import json
 import math
 
@@ -30,6 +31,11 @@ TEMPORARY_SUFFIX = '.tmp-writing'
 PARQUET_SUFFIX = '.parquet'
 
 MANIFEST_FORMAT_VERSION = 1
+
+
+def utc_now():
+  """The time as every output file records it (manifest, running-file)."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
 def output_path(out_dir, *parts):

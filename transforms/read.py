@@ -71,12 +71,6 @@ def pattern_regex(pattern):
   return re.compile('(?ms)' + '/(?:.*/)?'.join(bodies) + '\\Z')
 
 
-def _walk_top(pattern):
-  """The folder a local glob pattern's matches all lie under: its literal part's."""
-  literal = pattern[:_GLOB_CHARS.search(pattern).start()]
-  return literal[:-1] if literal.endswith('/') else os.path.dirname(literal)
-
-
 def _raise(error):
   raise error
 
@@ -99,6 +93,12 @@ def _walk_files(top):
                     if os.path.islink(os.path.join(folder, name)))
       for name in sorted(names):
         yield os.path.join(folder, name)
+
+
+def _walk_matching(pattern, predicate):
+  """Local paths under a glob pattern's literal folder for which predicate holds."""
+  top = literal_folder(pattern).rstrip('/') or '/'
+  return filter(predicate, _walk_files(top)) if os.path.isdir(top) else iter(())
 
 
 def _local_metadata(path):
@@ -144,12 +144,9 @@ def iter_matches(pattern, limit=None, excluded=None):
                if wanted(metadata.path, regex)]
     yield from found
     return
-  top = _walk_top(pattern)
-  if os.path.isdir(top):
-    paths = (path for path in _walk_files(top) if wanted(path, regex))
-    for metadata in map(_local_metadata, paths):
-      if metadata is not None:
-        yield metadata
+  for metadata in map(_local_metadata, _walk_matching(pattern, lambda p: wanted(p, regex))):
+    if metadata is not None:
+      yield metadata
 
 
 def other_case_matches(pattern, limit=3):
@@ -158,10 +155,7 @@ def other_case_matches(pattern, limit=3):
   if '://' in pattern or not is_glob(pattern):
     return []
   regex = re.compile(pattern_regex(pattern).pattern, re.IGNORECASE)
-  top = _walk_top(pattern)
-  if not os.path.isdir(top):
-    return []
-  return list(itertools.islice(filter(regex.match, _walk_files(top)), limit))
+  return list(itertools.islice(_walk_matching(pattern, regex.match), limit))
 
 
 def match_pattern(pattern, limit=None, excluded=None):
@@ -171,19 +165,21 @@ def match_pattern(pattern, limit=None, excluded=None):
                 key=lambda metadata: metadata.path)
 
 
+def literal_folder(pattern):
+  """The folder (ending in '/') that holds everything a pattern can match: that of its
+  literal part, before the first glob character."""
+  glob_at = _GLOB_CHARS.search(pattern)
+  literal = pattern[:glob_at.start()] if glob_at else pattern
+  return literal if literal.endswith('/') and glob_at else posixpath.dirname(literal) + '/'
+
+
 def common_root(patterns):
   """The longest common directory of the patterns' literal (non-glob) prefixes.
 
   Keys are paths relative to it, so the same files give the same keys wherever the
   job runs.
   """
-  directories = []
-  for pattern in patterns:
-    glob_at = _GLOB_CHARS.search(pattern)
-    literal = pattern[:glob_at.start()] if glob_at else pattern
-    directories.append(literal if literal.endswith('/') and glob_at else
-                       posixpath.dirname(literal) + '/')
-  root = posixpath.commonprefix(directories)
+  root = posixpath.commonprefix([literal_folder(pattern) for pattern in patterns])
   return root[:root.rfind('/') + 1]
 
 
