@@ -161,6 +161,19 @@ def test_stderr_filter_without_a_temporary_folder_lets_everything_through():
   assert result.stderr == 'noise, shown: nothing to capture it in\n'
 
 
+def test_tflite_model_loads_without_the_interpreters_delegate_notice(test_models):
+  # LiteRT prints its XNNPACK notice at INFO in every worker process, whatever the log level.
+  result = run_python(
+      'import sys\n'
+      'import numpy as np\n'
+      'from transforms.models import ModelSpec, load_embedder\n'
+      'embedder = load_embedder(ModelSpec("v2", %r), num_threads=1)\n'
+      'print(embedder(np.zeros((2, 224, 224, 3), np.uint8)).shape)\n'
+      'print("still here", file=sys.stderr)\n' % test_models['v2_tflite'])
+  assert result.stdout.strip() == '(2, 1664)'
+  assert result.stderr == 'still here\n'
+
+
 def test_tensorflow_starts_without_its_cpu_machine_noise():
   result = run_python(
       'import os, sys\n'

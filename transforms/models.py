@@ -99,6 +99,9 @@ TENSORFLOW_STARTUP_NOISE = re.compile(
     r'cuda_platform\.cc:\d+\] failed call to cuInit|'
     r'cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized|'
     r'^To enable the following instructions: .* rebuild TensorFlow')
+# What the LiteRT interpreter prints (at INFO, whatever TF_CPP_MIN_LOG_LEVEL says) each
+# time it applies its default CPU delegate: once per worker process, interleaved.
+LITERT_DELEGATE_NOISE = re.compile(r'Created TensorFlow Lite XNNPACK delegate for CPU')
 _TF_IMPORT_LOCK = threading.Lock()
 
 
@@ -271,7 +274,7 @@ class TFLiteEmbedder:
 
   def __init__(self, model_bytes, tensor=None, num_threads=None):
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stderr_without(LITERT_DELEGATE_NOISE):
       # Keeping intermediate tensors readable is the point when a tensor is named.
       warnings.simplefilter('ignore', UserWarning)
       self._interpreter = Interpreter(
@@ -289,7 +292,8 @@ class TFLiteEmbedder:
     self._dynamic_batch = self._input['shape_signature'][0] == -1
     self._batch = int(self._input['shape'][0])
     self.input_size = (int(self._input['shape'][1]), int(self._input['shape'][2]))
-    self._interpreter.allocate_tensors()
+    with stderr_without(LITERT_DELEGATE_NOISE):
+      self._interpreter.allocate_tensors()
 
   def _quantize(self, pixels):
     """uint8 pixels -> the input tensor's type. A quantized input is taken to span the
