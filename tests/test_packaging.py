@@ -1,5 +1,6 @@
 """setup.py as --setup_file ships it: the sdist, installed without the source tree, runs."""
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -79,3 +80,58 @@ def test_installed_package_runs_the_job(installed, photo_tree, test_models):
   assert manifest['counts']['models']['v2']['embedded'] == len(paths)
   assert manifest['counts']['reconciled'] is True
   assert manifest['versions']['apache-beam'] == importlib.metadata.version('apache-beam')
+
+
+def fake_project(tmp_path):
+  """The files scripts/ensure_venv.sh reads, and a `python3` on PATH that stands in for
+  the (minutes-long) install: it makes .venv/bin/python, which logs what it is asked."""
+  for name in ('scripts/ensure_venv.sh', 'setup.py', 'pipeline/versions.py'):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes((PROJECT / name).read_bytes())
+  tools = tmp_path / 'tools'
+  tools.mkdir()
+  (tools / 'python3').write_text(
+      '#!/bin/sh\nmkdir -p .venv/bin\n'
+      'printf \'#!/bin/sh\\necho "$*" >> .venv/installs\\n\' > .venv/bin/python\n'
+      'chmod +x .venv/bin/python\n')
+  (tools / 'python3').chmod(0o755)
+  fingerprint = hashlib.sha256(b''.join(
+      (PROJECT / name).read_bytes() for name in ('setup.py', 'pipeline/versions.py'))
+  ).hexdigest()[:16]
+  return fingerprint, {**os.environ, 'PATH': '%s:%s' % (tools, os.environ['PATH'])}
+
+
+def ensure_venv(project, env, *extra):
+  return subprocess.run(['bash', str(project / 'scripts' / 'ensure_venv.sh'), *extra],
+                        env=env, capture_output=True, text=True, check=True)
+
+
+def test_run_after_tests_does_not_install_again(tmp_path):
+  fingerprint, env = fake_project(tmp_path)
+  ensure_venv(tmp_path, env, 'test')
+  stamps = sorted(p.name for p in (tmp_path / '.venv').glob('.installed-*'))
+  assert stamps == ['.installed-%s-test' % fingerprint]
+  # The test install holds the plain one's packages: nothing to do.
+  assert ensure_venv(tmp_path, env).stderr == ''
+  assert ensure_venv(tmp_path, env, 'test').stderr == ''
+  installs = (tmp_path / '.venv' / 'installs').read_text().splitlines()
+  assert installs[-1] == '-m pip install --quiet --editable .[test]'
+
+
+def test_changed_dependencies_install_again_and_keep_only_current_stamps(tmp_path):
+  fingerprint, env = fake_project(tmp_path)
+  ensure_venv(tmp_path, env)  # the plain install first, then the tests'
+  result = ensure_venv(tmp_path, env, 'test')
+  assert 'Setting up .venv' in result.stderr
+  (tmp_path / '.venv' / '.installed-0123456789abcdef-test').touch()  # an older setup.py's
+  assert ensure_venv(tmp_path, env).stderr == ''
+  stamps = sorted(p.name for p in (tmp_path / '.venv').glob('.installed-*'))
+  assert stamps == ['.installed-0123456789abcdef-test', '.installed-%s' % fingerprint,
+                    '.installed-%s-test' % fingerprint]
+  with open(tmp_path / 'setup.py', 'a') as setup:
+    setup.write('# a new pin\n')
+  result = ensure_venv(tmp_path, env)
+  assert 'Setting up .venv' in result.stderr
+  stamps = [p.name for p in (tmp_path / '.venv').glob('.installed-*')]
+  assert len(stamps) == 1 and not stamps[0].endswith('-test')
+  assert stamps[0] != '.installed-%s' % fingerprint
