@@ -11,11 +11,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 
 from schemas import outputs
-from transforms.decode import decode_image
+from transforms.decode import decode_image, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import ModelSpec, ModelUnavailableError, load_embedder
-from views import query_page
+from views import html, query_page
 
 
 class QueryError(ValueError):
@@ -87,8 +87,9 @@ def spec_of(model_entry):
                    model_format=model_entry.get('format'))
 
 
-def embed_query_images(paths, spec):
-  """Query images -> float32 vectors, decoded and embedded exactly as the run did."""
+def embed_query_images(paths, spec, max_pixels):
+  """Query images -> float32 vectors, decoded and embedded exactly as the run did
+  (max_pixels: the run's pixel limit)."""
   try:
     embedder = load_embedder(spec)
   except ModelUnavailableError as e:
@@ -98,7 +99,7 @@ def embed_query_images(paths, spec):
   for path in paths:
     try:
       with outputs.FileSystems.open(path) as f:
-        _, _, pixels = decode_image(f.read(), [size])
+        _, _, pixels = decode_image(f.read(), [size], max_pixels)
     except Exception as e:  # pylint: disable=broad-except
       raise QueryError('cannot use query image %s: %s' % (path, e)) from e
     batch.append(pixels[size])
@@ -138,7 +139,7 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10):
   entry = choose_model(manifest, model_name)
   vectors = []
   if images:
-    vectors.append(embed_query_images(images, spec_of(entry)))
+    vectors.append(embed_query_images(images, spec_of(entry), max_pixels_of_run(manifest)))
   if keys:
     vectors.append(stored_vectors(run_dir, entry['name'], keys))
   index, index_keys, index_uris = load_index(run_dir, entry['name'])
@@ -206,12 +207,14 @@ def render(args, value, model_name):
   """Results or duplicate groups -> the text of the chosen --format."""
   if args.format == 'json':
     return json.dumps(value, indent=2)
-  if args.duplicates:
-    if args.format == 'html':
-      return query_page.duplicates_page(value, args.run, model_name, args.threshold)
-    return format_duplicates_table(value)
   if args.format == 'html':
-    return query_page.results_page(value, args.run, model_name)
+    thumbnails = html.Thumbnails(max_pixels=max_pixels_of_run(load_manifest(args.run)))
+    if args.duplicates:
+      return query_page.duplicates_page(value, args.run, model_name, args.threshold,
+                                        thumbnails)
+    return query_page.results_page(value, args.run, model_name, thumbnails)
+  if args.duplicates:
+    return format_duplicates_table(value)
   return format_table(value)
 
 

@@ -9,7 +9,7 @@ from pipeline.resume import CompletedWork, delete_paths, earlier_failure_files
 from pipeline.versions import runtime_versions
 from schemas import outputs
 from schemas.outputs import utc_now
-from transforms.decode import PREPROCESSING, DecodeImages
+from transforms.decode import MAX_IMAGE_PIXELS, DecodeImages, preprocessing_record
 from transforms.embed import EmbedImages
 from transforms.failures import FailureReasons
 from transforms.index import AUTO, DEFAULT_MEMORY_BUDGET, BuildIndex
@@ -36,6 +36,7 @@ class JobConfig(NamedTuple):
   # Whether the inputs matched at launch hold shards, whose records are then spread
   # across workers; None: decided from the patterns alone.
   spread_records: Optional[bool] = None
+  max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are decode failures
 
 
 def manifest_counts(facts, model_names):
@@ -87,7 +88,7 @@ def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
           'embeddings': outputs.relative_embeddings_glob(spec.name),
           'index': index_infos.get(spec.name),
       } for spec in config.models],
-      'preprocessing': PREPROCESSING,
+      'preprocessing': preprocessing_record(config.max_image_pixels),
       'counts': counts,
       'failures_by_reason': list(failure_reasons),
       'throughput': throughput(config, counts),
@@ -133,7 +134,7 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                             ) if config.resume else None
   images = completed.skip_decoding(read.images) if completed else read.images
   decoded = images | 'DecodeImages' >> DecodeImages(
-      [spec.input_size for spec in config.models])
+      [spec.input_size for spec in config.models], config.max_image_pixels)
 
   failures = [read.failures, decoded.failures]
   facts = [

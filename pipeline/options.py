@@ -15,6 +15,7 @@ from pipeline.resume import (OutputDirError, check_not_being_written, check_outp
                              resume_state)
 from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
 from schemas import outputs
+from transforms.decode import MAX_IMAGE_PIXELS
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
 from transforms.models import ModelUnavailableError
@@ -89,6 +90,15 @@ def build_parser():
                           'local multi-process runs the cores shared out among the worker '
                           "processes, otherwise the library's own choice). "
                           'Example: --intra_op_threads 1')
+  group.add_argument(
+      '--max_image_pixels', type=whole_number(1, '--max_image_pixels 300000000'),
+      default=MAX_IMAGE_PIXELS, metavar='N',
+      help='largest image that is decoded, in pixels (a JPEG counts its reduced-size '
+           'decode); a larger one becomes a decode failure, as a possible decompression '
+           "bomb (default: %(default)s, Pillow's limit). Raise it for big scans: a worker "
+           'process holds about 5 bytes per pixel while it decodes one (20 with '
+           'transparency). '
+           'Example: --max_image_pixels 300000000')
   add_output_dir_flags(group)
   group.add_argument(
       '--progress_seconds', type=whole_number(0, '--progress_seconds 10'),
@@ -337,7 +347,7 @@ def make_config(args, probe_in_subprocess=False):
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
-      options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
+      max_image_pixels=args.max_image_pixels, options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
       started_unix=time.time(), resume=resume,
       index_type=args.index_type, index_memory_budget=args.index_memory_budget,
       # The listing above already says whether a shuffle of every image's bytes is

@@ -73,6 +73,7 @@ def run_in_process(argv, capsys):
     (['--batch_size', 'many'], "got 'many'"),
     (['--intra_op_threads', '-1'], 'example: --intra_op_threads 1'),
     (['--progress_seconds', 'soon'], 'example: --progress_seconds 10'),
+    (['--max_image_pixels', '90M'], 'example: --max_image_pixels 300000000'),
     (['--input_format', 'zip'], "invalid choice: 'zip'"),
     (['--direct_num_worker', '2'], 'unknown flag --direct_num_worker: did you mean '
                                    '--direct_num_workers?'),

@@ -95,6 +95,26 @@ def test_decompression_bomb_is_refused_before_decoding():
     decode_image(bomb, [SIZE])
 
 
+@pytest.mark.parametrize('image_format', ['PNG', 'JPEG'])
+def test_pixel_limit_is_the_callers(image_format):
+  # 30,000 pixels, smaller than the input size: a JPEG too decodes at full size.
+  scan = imagegen.encode(imagegen.photo(5, 200, 150), image_format)
+  with pytest.raises(ImageDecodeError, match='limit of 10000 .*--max_image_pixels'):
+    decode_image(scan, [(224, 224)], max_pixels=10_000)
+  width, height, _ = decode_image(scan, [(224, 224)], max_pixels=30_000)
+  assert (width, height) == (200, 150)
+
+
+def test_raised_limit_goes_beyond_pillows_own(monkeypatch):
+  # Pillow refuses from twice its process-wide limit before any check of ours runs.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000)
+  scan = imagegen.encode(imagegen.photo(6, 200, 150), 'PNG')
+  width, height, pixels = decode_image(scan, [SIZE], max_pixels=40_000)
+  assert (width, height) == (200, 150) and pixels[SIZE].shape == SIZE + (3,)
+  with pytest.raises(ImageDecodeError, match='decompression bomb'):
+    decode_image(scan, [SIZE], max_pixels=20_000)
+
+
 def test_decode_record_returns_failure_record_with_reason():
   result = decode_record(ImageRecord(key='k', uri='u', data=b'nope'), [SIZE])
   assert isinstance(result, FailureRecord)

@@ -165,6 +165,45 @@ def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inpu
   assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
 
 
+def big_scan_png():
+  """A real 10000x9000 grayscale PNG (90 million pixels, above the default limit; 0.4 MB,
+  about 0.4 GB while decoded)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  shades = np.add.outer(np.arange(9000) // 40, np.arange(10000) // 40).astype(np.uint8)
+  return imagegen.encode(Image.fromarray(shades, 'L'), 'PNG', compress_level=1)
+
+
+def test_a_raised_pixel_limit_and_resume_embed_the_refused_scan(tmp_path, uninterrupted,
+                                                                inputs, test_models, capsys):
+  folder = tmp_path / 'images'
+  shutil.copytree(inputs, folder)
+  (folder / 'scan.png').write_bytes(big_scan_png())
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  run_pipeline.main(job_args(folder, out, test_models, '--resume'))
+  failures = pq.read_table(str(out / 'failures')).to_pylist()
+  assert sorted(f['key'] for f in failures) == [BAD_KEY, 'scan.png']
+  refused = next(f for f in failures if f['key'] == 'scan.png')
+  assert refused['stage'] == 'decode' and '--max_image_pixels' in refused['message']
+
+  run_pipeline.main(job_args(folder, out, test_models, '--resume',
+                             '--max_image_pixels', '100000000'))
+
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['preprocessing']['max_image_pixels'] == 100_000_000
+  assert manifest['counts']['reconciled'] and manifest['counts']['read'] == IMAGES + 2
+  assert failure_keys(out) == [BAD_KEY]
+  assert 'scan.png' in embeddings(out, 'v1') and 'scan.png' in embeddings(out, 'v3')
+  # The query script decodes, and shows, as the run did: with the run's limit.
+  capsys.readouterr()
+  import query_index  # pylint: disable=import-outside-toplevel
+  query_index.main(['--run', str(out), '--model', 'v3', '--image', str(folder / 'scan.png'),
+                    '--k', '1', '--format', 'html'])
+  page = capsys.readouterr().out
+  assert 'scan.png' in page and 'no preview' not in page
+  assert page.count('<img src="data:image/jpeg') == 2  # the query and its neighbour
+
+
 def _final_parts(out):
   return [os.path.join(folder, name)
           for folder in (out / 'v1' / 'embeddings', out / 'v3' / 'embeddings')

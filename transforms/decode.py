@@ -11,10 +11,11 @@ from PIL import Image, ImageOps, JpegImagePlugin
 from schemas.records import FAILURES_TAG, STAGE_DECODE, DecodedImage, FailureRecord, ImageRecord
 from transforms.failures import route_failures
 
-# An image that would decode to more pixels than this is refused before its pixels are
-# decoded: a small file can declare enormous dimensions (a "decompression bomb"). A JPEG
-# counts the pixels of its reduced-size decode, so a 200-megapixel phone photo (3 million
-# pixels at 1/8 scale) is embedded; other formats decode in full.
+# By default, an image that would decode to more pixels than this is refused before its
+# pixels are decoded: a small file can declare enormous dimensions (a "decompression
+# bomb"). A JPEG counts the pixels of its reduced-size decode, so a 200-megapixel phone
+# photo (3 million pixels at 1/8 scale) is embedded; other formats decode in full.
+# --max_image_pixels changes it for a run (big scans), recorded in the manifest.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's warning threshold, about 89 million
 _JPEG_START = b'\xff\xd8\xff'
 # JPEG draft (DCT-domain downscaling) keeps at least this multiple of the target size.
@@ -42,6 +43,17 @@ PREPROCESSING = {
               'Pillow BILINEAR with antialiasing',
     'transport': 'uint8 RGB, scaled to float32 [0, 1] inside the model call',
 }
+
+
+def preprocessing_record(max_pixels=MAX_IMAGE_PIXELS):
+  """The manifest's preprocessing entry of a run with this pixel limit."""
+  return dict(PREPROCESSING, max_image_pixels=max_pixels)
+
+
+def max_pixels_of_run(manifest):
+  """The pixel limit a finished run decoded with (runs made before the limit was
+  recorded used the default)."""
+  return manifest.get('preprocessing', {}).get('max_image_pixels', MAX_IMAGE_PIXELS)
 
 
 class ImageDecodeError(ValueError):
@@ -79,12 +91,13 @@ def _orientation(image):
     return 1  # unreadable EXIF: the pixels are still good
 
 
-def load_image(data, draft_side):
+def load_image(data, draft_side, max_pixels=MAX_IMAGE_PIXELS):
   """Encoded image bytes -> (upright RGB Pillow image, width, height).
 
   A JPEG is decoded at reduced size, to no less than draft_side on each side when it is
   larger; width and height are the original image's, after EXIF orientation. Raises
-  ImageDecodeError (or Pillow's own error) for anything that is not a decodable image.
+  ImageDecodeError (or Pillow's own error) for anything that is not a decodable image,
+  and for an image that would decode to more than max_pixels pixels.
   """
   if not data:
     raise ImageDecodeError('empty file (0 bytes)')
@@ -95,19 +108,23 @@ def load_image(data, draft_side):
       # still tells an MPO (a phone's multi-picture JPEG) from a plain JPEG.
       image = JpegImagePlugin.jpeg_factory(io.BytesIO(data))
     else:
+      # Pillow refuses from twice its process-wide limit, whatever the run's; raised
+      # (never lowered) to this run's, the check below decides for every format.
+      Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels)
       with warnings.catch_warnings():
-        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
   except Image.UnidentifiedImageError as e:
     raise ImageDecodeError('unsupported or unrecognized image format') from e
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+  except Image.DecompressionBombError as e:
     raise ImageDecodeError('%s (possible decompression bomb)' % e) from e
   width, height = image.size
   if isinstance(image, JpegImagePlugin.JpegImageFile):
     image.draft(None, (draft_side, draft_side))
-  if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
-    raise ImageDecodeError('image declares %dx%d pixels, more than the limit of %d '
-                           '(possible decompression bomb)' % (width, height, MAX_IMAGE_PIXELS))
+  if image.size[0] * image.size[1] > max_pixels:
+    raise ImageDecodeError(
+        'image declares %dx%d pixels, more than the limit of %d (possible decompression '
+        'bomb; --max_image_pixels raises the limit)' % (width, height, max_pixels))
   orientation = _orientation(image)
   if orientation in _ROTATING_ORIENTATIONS:
     width, height = height, width
@@ -117,10 +134,11 @@ def load_image(data, draft_side):
   return _to_rgb(image), width, height
 
 
-def decode_image(data, sizes):
+def decode_image(data, sizes, max_pixels=MAX_IMAGE_PIXELS):
   """Encoded image bytes -> (width, height, {(h, w): uint8 array (h, w, 3)}), see
   load_image."""
-  image, width, height = load_image(data, max(max(size) for size in sizes) * DRAFT_MARGIN)
+  image, width, height = load_image(data, max(max(size) for size in sizes) * DRAFT_MARGIN,
+                                    max_pixels)
   pixels = {}
   for size in sizes:
     target_height, target_width = size
@@ -130,10 +148,10 @@ def decode_image(data, sizes):
   return width, height, pixels
 
 
-def decode_record(record: ImageRecord, sizes):
+def decode_record(record: ImageRecord, sizes, max_pixels=MAX_IMAGE_PIXELS):
   """ImageRecord -> DecodedImage, or a FailureRecord (stage decode) saying why not."""
   try:
-    width, height, pixels = decode_image(record.data, sizes)
+    width, height, pixels = decode_image(record.data, sizes, max_pixels)
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(record.key, record.uri, STAGE_DECODE, e)
   return DecodedImage(key=record.key, uri=record.uri, width=width, height=height,
@@ -145,13 +163,14 @@ class DecodeImages(beam.PTransform):
   """ImageRecords -> DecodedImages at the given (height, width) sizes, with tagged
   output 'failures'."""
 
-  def __init__(self, sizes):
+  def __init__(self, sizes, max_pixels=MAX_IMAGE_PIXELS):
     super().__init__()
     self._sizes = tuple(sorted(set(tuple(s) for s in sizes)))
+    self._max_pixels = max_pixels
 
   def expand(self, images):
-    sizes = self._sizes
+    sizes, max_pixels = self._sizes, self._max_pixels
 
     return images | 'Decode' >> beam.FlatMap(
-        lambda record: route_failures([decode_record(record, sizes)])).with_outputs(
+        lambda record: route_failures([decode_record(record, sizes, max_pixels)])).with_outputs(
             FAILURES_TAG, main='decoded')

@@ -4,7 +4,8 @@ import base64
 import html
 import io
 
-from transforms.decode import load_image
+from transforms.decode import MAX_IMAGE_PIXELS, load_image
+from transforms.read import read_uri_bytes
 
 THUMBNAIL_SIDE = 160
 
@@ -26,18 +27,38 @@ def escape(value):
   return html.escape('' if value is None else str(value), quote=True)
 
 
-def thumbnail_data_uri(data, side=THUMBNAIL_SIDE):
+def thumbnail_data_uri(data, side=THUMBNAIL_SIDE, max_pixels=MAX_IMAGE_PIXELS):
   """Encoded image bytes -> a small JPEG data: URI (aspect ratio kept), or None when the
   bytes are not a decodable image. Embedded, so the page needs no file access."""
   try:
     # As the run decodes: the same formats, size limit and colour conversion.
-    image, _, _ = load_image(data, side * 2)
+    image, _, _ = load_image(data, side * 2, max_pixels)
     image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=80)
   except Exception:  # pylint: disable=broad-except
     return None
   return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
+
+
+class Thumbnails:
+  """uri -> embedded thumbnail (None when unreadable now: the page shows a grey box),
+  each image read at most once per side however often it appears on a page."""
+
+  def __init__(self, max_pixels=MAX_IMAGE_PIXELS, reader=read_uri_bytes):
+    self._max_pixels = max_pixels  # the run's: its largest images are shown too
+    self._reader = reader
+    self._cache = {}
+
+  def get(self, uri, side=THUMBNAIL_SIDE):
+    key = (uri, side)
+    if key not in self._cache:
+      try:
+        data = self._reader(uri)
+      except Exception:  # pylint: disable=broad-except
+        data = None  # the inputs moved or are unreadable
+      self._cache[key] = thumbnail_data_uri(data, side, self._max_pixels) if data else None
+    return self._cache[key]
 
 
 def figure(data_uri, caption_lines):

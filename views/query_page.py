@@ -1,6 +1,5 @@
 """HTML pages of query_index.py: query images beside their neighbours, near-duplicate groups."""
 
-from transforms.read import read_uri_bytes
 from views import html
 
 _EXTRA_CSS = """
@@ -10,31 +9,15 @@ section h2 { font-size: 1.05em; margin: 0 0 0.5em 0; overflow-wrap: anywhere; }
 """
 
 
-class Previews:
-  """Thumbnails of image uris, each read once however often it appears on a page."""
-
-  def __init__(self, reader=read_uri_bytes):
-    self._reader = reader
-    self._cache = {}
-
-  def __call__(self, uri):
-    if uri not in self._cache:
-      try:
-        self._cache[uri] = html.thumbnail_data_uri(self._reader(uri))
-      except Exception:  # pylint: disable=broad-except
-        self._cache[uri] = None  # unreadable now: the page shows a grey box
-    return self._cache[uri]
-
-
-def results_page(results, run_dir, model_name, previews=None):
+def results_page(results, run_dir, model_name, thumbnails=None):
   """query_index results (each with query, query_uri, neighbors) -> one HTML page."""
-  previews = previews or Previews()
+  thumbnails = thumbnails or html.Thumbnails()
   sections = []
   for number, result in enumerate(results, 1):
-    figures = ['<div class="query">%s</div>' % html.figure(previews(result['query_uri']),
-                                                           ['query', result['query']])]
-    figures += [html.figure(previews(n['uri']), ['#%d  score %.4f' % (n['rank'], n['score']),
-                                             n['key']])
+    query = html.figure(thumbnails.get(result['query_uri']), ['query', result['query']])
+    figures = ['<div class="query">%s</div>' % query]
+    figures += [html.figure(thumbnails.get(n['uri']),
+                            ['#%d  score %.4f' % (n['rank'], n['score']), n['key']])
                 for n in result['neighbors']]
     sections.append('<section><h2>%d. %s</h2><div class="strip">%s</div></section>' % (
         number, html.escape(result['query']), ''.join(figures)))
@@ -43,12 +26,12 @@ def results_page(results, run_dir, model_name, previews=None):
   return html.page(title, body, _EXTRA_CSS)
 
 
-def duplicates_page(groups, run_dir, model_name, threshold, previews=None):
+def duplicates_page(groups, run_dir, model_name, threshold, thumbnails=None):
   """Near-duplicate groups (each with images and closest score) -> one HTML page."""
-  previews = previews or Previews()
+  thumbnails = thumbnails or html.Thumbnails()
   sections = []
   for number, group in enumerate(groups, 1):
-    figures = [html.figure(previews(image['uri']), [image['key']])
+    figures = [html.figure(thumbnails.get(image['uri']), [image['key']])
                for image in group['images']]
     sections.append(
         '<section><h2>Group %d: %d images, closest pair %.4f</h2>'

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 
 from schemas import outputs
+from transforms.decode import max_pixels_of_run
 from transforms.index import embeddings_matrix, load_index, normalize, search
-from transforms.read import read_uri_bytes
-from views.html import escape, figure, page, thumbnail_data_uri
+from views.html import Thumbnails, escape, figure, page
 from views.projection import pca_2d, tsne_2d
 
 # Embeddings read per model (evenly from every part file) for the histogram and the map:
@@ -215,24 +215,6 @@ def norms_section(samples):
   return '<h2>Embedding norms</h2><div class="models">%s</div>' % ''.join(parts)
 
 
-class Thumbnails:
-  """uri -> embedded thumbnail, each input image read at most once per side."""
-
-  def __init__(self):
-    self._cache = {}
-
-  def get(self, uri, side=None):
-    key = (uri, side)
-    if key not in self._cache:
-      try:
-        data = read_uri_bytes(uri)
-      except Exception:  # pylint: disable=broad-except
-        data = None  # the inputs moved or are unreadable: a grey box instead
-      self._cache[key] = thumbnail_data_uri(data, side) if data and side else (
-          thumbnail_data_uri(data) if data else None)
-    return self._cache[key]
-
-
 def map_svg(pixels, sample, shown, thumbnails, axes=None):
   """One map: a dot per embedding coloured by label, and thumbnails of featured points.
   axes: (x caption, y caption), or None when the axes mean nothing (t-SNE)."""
@@ -373,7 +355,7 @@ def build_report(out_dir):
   manifest = outputs.read_json(manifest_path)
   names = [m['name'] for m in manifest['models']]
   samples = {name: load_sample(out_dir, name) for name in names}
-  thumbnails = Thumbnails()
+  thumbnails = Thumbnails(max_pixels_of_run(manifest))
   counts = manifest['counts']
   headline = '%s images read; %s' % (_number(counts['read']), '; '.join(
       '%s: %s embedded, %s failed' % (name, _number(m['embedded']), _number(m['failed']))
