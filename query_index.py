@@ -14,7 +14,8 @@ from schemas import outputs
 from transforms.decode import decode_image, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
-from transforms.models import ModelSpec, ModelUnavailableError, load_embedder
+from transforms.models import (ModelSpec, ModelUnavailableError, load_embedder, model_response,
+                               same_response)
 from views import html, query_page
 
 
@@ -87,13 +88,29 @@ def spec_of(model_entry):
                    model_format=model_entry.get('format'))
 
 
-def embed_query_images(paths, spec, max_pixels):
+def check_same_model(embedder, spec, run_dir):
+  """Stops when the model at the run's handle is no longer the one that wrote the run
+  (its files were replaced): its vectors would not be comparable with the stored ones."""
+  parts = outputs.matching_paths(outputs.embeddings_glob(run_dir, spec.name))
+  made_by = outputs.parquet_embeddings_info(parts[0])[1] if parts else None
+  if not made_by or not made_by.get('response'):
+    return  # a run made before parts named their model
+  if not same_response(model_response(embedder)[1], made_by['response']):
+    raise QueryError(
+        'model %s at %s is not the one that made %s (it gives other vectors for the same '
+        'picture; were its files replaced?): its query vectors would not be comparable '
+        'with the stored ones. Restore its original files, or query with --key'
+        % (spec.name, spec.handle, run_dir))
+
+
+def embed_query_images(paths, spec, max_pixels, run_dir):
   """Query images -> float32 vectors, decoded and embedded exactly as the run did
-  (max_pixels: the run's pixel limit)."""
+  (max_pixels: the run's pixel limit), by the model that made the run."""
   try:
     embedder = load_embedder(spec)
   except ModelUnavailableError as e:
     raise QueryError(str(e)) from e
+  check_same_model(embedder, spec, run_dir)
   size = tuple(spec.input_size)
   batch = []
   for path in paths:
@@ -139,7 +156,8 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10):
   entry = choose_model(manifest, model_name)
   vectors = []
   if images:
-    vectors.append(embed_query_images(images, spec_of(entry), max_pixels_of_run(manifest)))
+    vectors.append(embed_query_images(images, spec_of(entry), max_pixels_of_run(manifest),
+                                      run_dir))
   if keys:
     vectors.append(stored_vectors(run_dir, entry['name'], keys))
   index, index_keys, index_uris = load_index(run_dir, entry['name'])

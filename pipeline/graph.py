@@ -81,13 +81,9 @@ def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
       'completed_at': utc_now(),
       'input': {'patterns': list(config.patterns), 'format': config.input_format,
                 'root': config.root},
-      'models': [{
-          'name': spec.name, 'handle': spec.handle, 'tensor': spec.tensor,
-          'format': spec.model_format, 'input_size': list(spec.input_size),
-          'dim': spec.dim,
-          'embeddings': outputs.relative_embeddings_glob(spec.name),
-          'index': index_infos.get(spec.name),
-      } for spec in config.models],
+      'models': [dict(model_record(spec),
+                      embeddings=outputs.relative_embeddings_glob(spec.name),
+                      index=index_infos.get(spec.name)) for spec in config.models],
       'preprocessing': preprocessing_record(config.max_image_pixels),
       'counts': counts,
       'failures_by_reason': list(failure_reasons),
@@ -97,6 +93,12 @@ def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
       'options': config.options or {},
       'versions': runtime_versions(),
   }
+
+
+def model_record(spec):
+  """A probed model as the manifest describes it."""
+  return {'name': spec.name, 'handle': spec.handle, 'tensor': spec.tensor,
+          'format': spec.model_format, 'input_size': list(spec.input_size), 'dim': spec.dim}
 
 
 def write_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
@@ -149,8 +151,10 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                 else decoded.decoded)
     embedded = to_embed | 'Embed[%s]' % spec.name >> EmbedImages(
         spec, config.batch_size, config.intra_op_threads)
+    # Each part names the model that wrote it, with its response to a fixed picture.
     written = embedded['embeddings'] | 'WriteEmbeddings[%s]' % spec.name >> WriteEmbeddings(
-        config.out_dir, spec.name, spec.dim, run_tag)
+        config.out_dir, spec.name, spec.dim, run_tag,
+        dict(model_record(spec), response=list(spec.response or ())))
     if completed:
       # The index covers the earlier attempts' parts too.
       earlier = pipeline | 'EarlierParts[%s]' % spec.name >> beam.Create(

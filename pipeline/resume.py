@@ -10,7 +10,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import outputs
-from transforms.models import import_tensorflow, scheme_of, tensorflow_reads
+from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
 
 
 class OutputDirError(ValueError):
@@ -93,15 +93,24 @@ def delete_paths(paths):
 
 def completed_parts(out_dir, model_specs):
   """(model name, path) of every completed embedding part of the given models. A part
-  exists under its final name only once it is complete (the sink renames it there)."""
+  exists under its final name only once it is complete (the sink renames it there).
+  Raises OutputDirError when a part was written by another model than the one of that
+  name now (another dimension, or other weights: mixed vectors are meaningless)."""
   parts = []
   for spec in model_specs:
     for path in outputs.matching_paths(outputs.embeddings_glob(out_dir, spec.name)):
-      dim = outputs.parquet_embedding_dim(path)
+      dim, made_by = outputs.parquet_embeddings_info(path)
       if dim != spec.dim:
         raise OutputDirError(
             'cannot resume: %s holds %d-dimensional embeddings, but model %s gives %d; '
             'use --overwrite or another --output' % (path, dim, spec.name, spec.dim))
+      if (made_by and made_by.get('response') and spec.response
+          and not same_response(spec.response, made_by['response'])):
+        raise OutputDirError(
+            'cannot resume: %s was written by another model than %s=%s (%s gave other '
+            'vectors for the same picture); use the model of the earlier run, '
+            '--overwrite, or another --output' % (path, spec.name, spec.handle,
+                                                  made_by.get('handle')))
       parts.append((spec.name, path))
   return tuple(parts)
 

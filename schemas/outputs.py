@@ -80,8 +80,17 @@ def part_has_tag(path, run_tag):
   return path.rsplit('/', 1)[-1].startswith('%s-%s-' % (PART_PREFIX, run_tag))
 
 
-def embeddings_schema(dim):
-  """Columns of OUT/<model>/embeddings/part-*.parquet."""
+# Schema metadata of an embeddings part: JSON of the model that wrote it (name, handle,
+# tensor, format, input size, dimension, and its response to a fixed picture), so that
+# a resume or a query can tell whether the model it loads now is the same one.
+MODEL_METADATA_KEY = b'beam_image_embeddings.model'
+
+
+def embeddings_schema(dim, model_record=None):
+  """Columns of OUT/<model>/embeddings/part-*.parquet; model_record (a dict) goes into
+  the schema's metadata."""
+  metadata = ({MODEL_METADATA_KEY: json.dumps(model_record, sort_keys=True)}
+              if model_record else None)
   return pa.schema([
       pa.field('key', pa.string(), nullable=False),
       pa.field('uri', pa.string(), nullable=False),
@@ -92,7 +101,7 @@ def embeddings_schema(dim):
       pa.field('sha256', pa.string(), nullable=False),
       pa.field('label', pa.string()),
       pa.field('metadata', pa.string()),  # JSON text of the source's other fields
-  ])
+  ], metadata=metadata)
 
 
 FAILURES_SCHEMA = pa.schema([
@@ -185,10 +194,14 @@ def read_parquet(paths, columns=None, filters=None):
   return pa.concat_tables(tables) if tables else None
 
 
-def parquet_embedding_dim(path):
-  """The vector length of an embeddings Parquet file, from its schema alone."""
+def parquet_embeddings_info(path):
+  """(vector length, record of the model that wrote it or None) of an embeddings
+  Parquet file, from its schema alone. Parts written before the record existed have
+  none."""
   with FileSystems.open(path) as f:
-    return pq.read_schema(f).field('embedding').type.list_size
+    schema = pq.read_schema(f)
+  record = (schema.metadata or {}).get(MODEL_METADATA_KEY)
+  return schema.field('embedding').type.list_size, json.loads(record) if record else None
 
 
 def read_parquet_sample(paths, columns, limit):

@@ -110,6 +110,25 @@ def save_tflite(model, size, path):
   return path
 
 
+class _Projection(tf.Module):
+  """The smallest model with a seed model's interface: mean colour, projected."""
+
+  def __init__(self, dim, size, seed):
+    super().__init__()
+    weights = np.random.default_rng(seed).standard_normal((3, dim)).astype(np.float32)
+    self.weights = tf.Variable(weights)
+    self.__call__ = tf.function(
+        lambda images: tf.reduce_mean(images, axis=[1, 2]) @ self.weights,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+
+def save_projection(dim, size, path, seed=0):
+  """A TF2 SavedModel of `dim` features that is not a MobileNet: another model with the
+  same shape, as when a model's files are replaced. Builds in a second."""
+  tf.saved_model.save(_Projection(dim, size, seed), path)
+  return path
+
+
 def build_all(directory):
   """Builds the three test models under `directory`; returns {name: handle}."""
   os.makedirs(directory, exist_ok=True)

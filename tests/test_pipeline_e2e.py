@@ -12,6 +12,7 @@ import run_pipeline
 from pipeline.runners import local_cores
 from schemas import outputs
 from transforms.decode import decode_image
+from transforms.models import RESPONSE_VALUES, probe_picture
 
 
 def run_job(*argv):
@@ -110,14 +111,33 @@ def assert_rows_equal_direct_call(table, root, direct, handle, size):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize('name,direct,size', [
-    ('v3', direct_tf2, 224), ('mobilenet_v1_050_160', direct_tf1, 160),
-    ('v2', direct_tflite, 224)])
-def test_pipeline_equals_direct_model_call(three_model_run, test_models, name, direct, size):
+THREE_MODELS = pytest.mark.parametrize('name,direct,size,test_model', [
+    ('v3', direct_tf2, 224, 'v3_tf2'), ('mobilenet_v1_050_160', direct_tf1, 160, 'v1_tf1'),
+    ('v2', direct_tflite, 224, 'v2_tflite')])
+
+
+@THREE_MODELS
+def test_pipeline_equals_direct_model_call(three_model_run, test_models, name, direct, size,
+                                           test_model):
   out, root, _, _ = three_model_run
-  handle = {'v3': test_models['v3_tf2'], 'mobilenet_v1_050_160': test_models['v1_tf1'],
-            'v2': test_models['v2_tflite']}[name]
-  assert_rows_equal_direct_call(read_embeddings(out, name), root, direct, handle, size)
+  assert_rows_equal_direct_call(read_embeddings(out, name), root, direct,
+                                test_models[test_model], size)
+
+
+@THREE_MODELS
+def test_every_part_names_the_model_that_wrote_it(three_model_run, test_models, name, direct,
+                                                  size, test_model):
+  out, *_ = three_model_run
+  handle = test_models[test_model]
+  expected = direct(handle, probe_picture(size, size))[0][:RESPONSE_VALUES]
+  parts = sorted((out / name / 'embeddings').glob('part-*.parquet'))
+  assert parts
+  for part in parts:
+    dim, record = outputs.parquet_embeddings_info(str(part))
+    assert (record['name'], record['handle'], record['dim']) == (name, handle, dim)
+    assert record['input_size'] == [size, size]
+    np.testing.assert_allclose(record['response'], expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 def test_default_run_uses_a_worker_process_per_core(three_model_run):

@@ -98,3 +98,29 @@ def test_duplicates_take_no_queries(query_run, capsys):
   with pytest.raises(SystemExit):
     query_index.main(['--run', str(out), '--duplicates', '--image', str(paths[0])])
   assert 'takes no --image' in capsys.readouterr().err
+
+
+def test_a_replaced_model_is_not_used_for_queries(tmp_path, photo_tree, capsys):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  root, paths, _ = photo_tree
+  model = tmp_path / 'model'
+  model_factory.save_projection(16, 224, str(model), seed=0)
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(root / '**' / '*.jpg'), '--output', str(out),
+                     '--model', 'tiny=%s' % model, '--no_report', *IN_PROCESS])
+  query = ['--run', str(out), '--image', str(paths[1]), '--k', '1', '--format', 'json']
+  assert query_index.main(query)[0]['neighbors'][0]['score'] > 0.999
+  shutil.rmtree(model)
+  model_factory.save_projection(16, 224, str(model), seed=1)  # other weights, same place
+  capsys.readouterr()
+
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(query)
+
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert 'is not the one that made' in error and 'query with --key' in error
+  # Stored vectors need no model.
+  key = str(paths[1].relative_to(root))
+  by_key = query_index.main(['--run', str(out), '--key', key, '--k', '1', '--format', 'json'])
+  assert by_key[0]['neighbors'][0]['key'] == key

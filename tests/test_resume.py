@@ -165,6 +165,39 @@ def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inpu
   assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
 
 
+def test_resume_with_another_model_under_the_same_name_is_refused(
+    tmp_path, uninterrupted, inputs, test_models, capsys):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  before = sorted(p.name for p in (out / 'v3' / 'embeddings').iterdir())
+  other = model_factory.save_projection(1024, 224, str(tmp_path / 'other_v3'))
+  args = job_args(inputs, out, test_models, '--resume')
+  args[args.index('v3=' + test_models['v3_tf2'])] = 'v3=' + other
+
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(args)
+
+  assert exit_info.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and 'cannot resume' in lines[0] and 'v3=' + other in lines[0]
+  assert (out / 'manifest.json').exists()  # refused before anything changed
+  assert sorted(p.name for p in (out / 'v3' / 'embeddings').iterdir()) == before
+
+
+def test_resume_with_a_copy_of_the_same_model_goes_on(tmp_path, uninterrupted, inputs,
+                                                      test_models):
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  copy = shutil.copytree(test_models['v3_tf2'], tmp_path / 'copied_v3')
+  args = job_args(inputs, out, test_models, '--resume')
+  args[args.index('v3=' + test_models['v3_tf2'])] = 'v3=%s' % copy
+
+  run_pipeline.main(args)
+
+  assert manifest_counts(out)['models']['v3']['resumed'] == IMAGES
+
+
 def big_scan_png():
   """A real 10000x9000 grayscale PNG (90 million pixels, above the default limit; 0.4 MB,
   about 0.4 GB while decoded)."""

@@ -43,6 +43,9 @@ class ModelSpec(NamedTuple):
   input_size: Optional[Tuple[int, int]] = None  # (height, width); None: from the model
   dim: Optional[int] = None  # filled in by probing the model at launch
   model_format: Optional[str] = None  # filled in by probing the model at launch
+  # Filled in by probing: the first outputs for probe_picture(), which tell this model's
+  # weights from another's of the same shape (see same_response).
+  response: Optional[Tuple[float, ...]] = None
 
 
 def is_hub_url(handle):
@@ -358,15 +361,42 @@ def load_embedder(spec: ModelSpec, num_threads=None):
                                 % (spec.name, handle, type(e).__name__, e)) from e
 
 
+RESPONSE_VALUES = 64  # enough to tell two models apart, small enough for every part file
+
+
+def probe_picture(height, width):
+  """A fixed picture (diagonal colour bands of every pixel value) that any model
+  answers with numbers that depend on all of its weights."""
+  rows, columns = np.mgrid[0:height, 0:width]
+  channels = [(3 * columns + rows) % 256, (columns + 5 * rows) % 256,
+              (7 * columns + 2 * rows) % 256]
+  return np.stack(channels, axis=-1).astype(np.uint8)[np.newaxis]
+
+
+def model_response(embedder):
+  """(output dimension, the first RESPONSE_VALUES outputs for probe_picture())."""
+  vector = embedder(probe_picture(*embedder.input_size))[0]
+  return len(vector), tuple(float(value) for value in vector[:RESPONSE_VALUES])
+
+
+def same_response(response, other):
+  """Whether two responses come from the same model: equal up to the float differences
+  of another CPU or library version, not of other weights."""
+  response, other = np.asarray(response, np.float64), np.asarray(other, np.float64)
+  if response.shape != other.shape:
+    return False
+  scale = max(float(np.nanmax(np.abs(other), initial=0.0)), 1e-6)
+  return bool(np.allclose(response, other, rtol=1e-2, atol=1e-3 * scale, equal_nan=True))
+
+
 def probe_model(spec: ModelSpec):
   """Loads the model once and returns the spec completed with its input size, output
-  dimension and format: the launcher does this before any work, so a bad handle stops
-  the job at once and the output schema knows its dimension."""
+  dimension, format and response: the launcher does this before any work, so a bad
+  handle stops the job at once and the output schema knows its dimension."""
   embedder = load_embedder(spec)
-  height, width = embedder.input_size
-  vectors = embedder(np.zeros((1, height, width, 3), np.uint8))
-  return spec._replace(input_size=(height, width), dim=int(vectors.shape[1]),
-                       model_format=embedder.model_format)
+  dim, response = model_response(embedder)
+  return spec._replace(input_size=tuple(embedder.input_size), dim=dim,
+                       model_format=embedder.model_format, response=response)
 
 
 def probe_models(specs, in_subprocess=False):

@@ -23,15 +23,17 @@ class WriteEmbeddings(beam.PTransform):
   """Embeddings of one model -> OUT/<model>/embeddings/part-*.parquet; outputs the
   written file paths once they are final."""
 
-  def __init__(self, out_dir, model_name, dim, run_tag=None):
+  def __init__(self, out_dir, model_name, dim, run_tag=None, model_record=None):
     super().__init__()
     self._prefix = outputs.embeddings_prefix(out_dir, model_name)
     self._dim = dim
     self._run_tag = run_tag
+    self._model_record = model_record  # written into every part's schema metadata
 
   def expand(self, embeddings):
     dim = self._dim
-    return _write_batched(embeddings, self._prefix, outputs.embeddings_schema(dim),
+    return _write_batched(embeddings, self._prefix,
+                          outputs.embeddings_schema(dim, self._model_record),
                           lambda batch: outputs.embeddings_table(batch, dim), self._run_tag)
 
 
