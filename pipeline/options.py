@@ -13,7 +13,8 @@ from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
                              resume_state)
-from pipeline.runners import RunnerUsageError, with_dry_run, with_local_defaults
+from pipeline.runners import (RunnerUsageError, with_dry_run, with_local_defaults,
+                              with_project_shipped)
 from schemas import outputs
 from transforms.decode import MAX_IMAGE_PIXELS
 from transforms.embed import DEFAULT_BATCH_SIZE
@@ -347,7 +348,8 @@ def make_config(args, probe_in_subprocess=False):
       patterns=tuple(patterns), input_format=args.input_format,
       root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
-      max_image_pixels=args.max_image_pixels, options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
+      max_image_pixels=args.max_image_pixels,
+      options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
       started_unix=time.time(), resume=resume,
       index_type=args.index_type, index_memory_budget=args.index_memory_budget,
       # The listing above already says whether a shuffle of every image's bytes is
@@ -362,6 +364,7 @@ def parse_command_line(argv):
   args, beam_args = parser.parse_known_args(argv)
   try:
     check_beam_args(beam_args, parser)
+    beam_args = with_project_shipped(beam_args)
     if args.dry_run:
       beam_args = with_dry_run(beam_args)
   except (UsageError, RunnerUsageError) as e:

@@ -6,6 +6,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 # The flags with which a user takes control of how the DirectRunner runs.
 DIRECT_RUNNER_FLAGS = ('--direct_num_workers', '--direct_running_mode')
+# The flags with which a user says how Dataflow workers get this project's code.
+SHIPPING_FLAGS = ('--setup_file', '--sdk_container_image', '--extra_package',
+                  '--extra_packages')
+# The checkout's setup.py, which --setup_file ships (absent in an installed copy).
+PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'setup.py')
 
 
 class RunnerUsageError(ValueError):
@@ -71,6 +77,20 @@ def default_intra_op_threads(pipeline_options):
   decoding overlaps the other's inference). None (TensorFlow's own choice) otherwise."""
   workers = local_worker_processes(pipeline_options)
   return max(1, local_cores() // workers) if workers else None
+
+
+def with_project_shipped(beam_args, setup_file=PROJECT_SETUP_FILE):
+  """beam_args, plus --setup_file with this project's setup.py for a Dataflow job that
+  says nothing of how its workers get the code: without it they fail, minutes after
+  submission, on the first import of this project's modules."""
+  if runner_name(beam_args) != 'dataflow' or any(
+      _given(beam_args, flag) for flag in SHIPPING_FLAGS):
+    return list(beam_args)
+  if not os.path.isfile(setup_file):
+    raise RunnerUsageError(
+        '--runner DataflowRunner: the workers need this project; pass --setup_file '
+        'PATH/setup.py of a checkout, or --sdk_container_image with a worker image')
+  return list(beam_args) + ['--setup_file=' + setup_file]
 
 
 def with_dry_run(beam_args):

@@ -4,7 +4,10 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 import run_pipeline
-from pipeline.runners import (RunnerUsageError, beam_options_record, default_intra_op_threads, local_cores, local_worker_processes, runner_name, short_runner_name, with_dry_run, with_local_defaults)
+from pipeline.runners import (PROJECT_SETUP_FILE, RunnerUsageError, beam_options_record,
+                              default_intra_op_threads, local_cores, local_worker_processes,
+                              runner_name, short_runner_name, with_dry_run,
+                              with_local_defaults, with_project_shipped)
 
 
 def direct_options(beam_args):
@@ -104,3 +107,22 @@ def test_threads_are_shared_out_among_local_worker_processes(beam_args, workers)
   assert local_worker_processes(options) == workers
   expected = max(1, local_cores() // workers) if workers else None
   assert default_intra_op_threads(options) == expected
+
+
+@pytest.mark.parametrize('runner', ['DataflowRunner', 'dataflow'])
+def test_dataflow_job_ships_this_project_unless_told_how(runner):
+  assert with_project_shipped(['--runner', runner]) == [
+      '--runner', runner, '--setup_file=' + PROJECT_SETUP_FILE]
+  for told in (['--setup_file', 'other/setup.py'], ['--setup_file=other/setup.py'],
+               ['--sdk_container_image', 'image:1'], ['--extra_package', 'x.whl']):
+    assert with_project_shipped(['--runner', runner] + told) == ['--runner', runner] + told
+
+
+def test_other_runners_ship_nothing():
+  for beam_args in ([], ['--runner', 'DirectRunner'], ['--runner', 'PortableRunner']):
+    assert with_project_shipped(beam_args) == beam_args
+
+
+def test_dataflow_job_without_a_setup_file_to_ship_is_refused(tmp_path):
+  with pytest.raises(RunnerUsageError, match='pass --setup_file'):
+    with_project_shipped(['--runner', 'DataflowRunner'], str(tmp_path / 'setup.py'))
