@@ -8,6 +8,20 @@ from pipeline.options import (UsageError, make_config, make_index_only_config,
 
 
 def main(argv=None):
+  # What an interruption would leave behind, filled in as the launch goes on.
+  launch = {}
+  try:
+    return run_job(sys.argv[1:] if argv is None else argv, launch)
+  except KeyboardInterrupt:
+    from pipeline.runners import interrupted_message  # pylint: disable=import-outside-toplevel
+    # One line instead of Beam's stack; 130 is how shells report an interrupted command.
+    print('run_pipeline.py: ' + interrupted_message(**launch), file=sys.stderr)
+    sys.exit(130)
+
+
+def run_job(argv, launch):
+  """Flags -> checks -> run -> summary; `launch` (a dict) gets interrupted_message's
+  arguments as soon as they apply."""
   quiet_tensorflow()
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from apache_beam.options import pipeline_options as beam_options  # pylint: disable=import-outside-toplevel
@@ -18,16 +32,17 @@ def main(argv=None):
   from pipeline.summary import format_summary  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
 
-  parser, args, pipeline_options = parse_command_line(sys.argv[1:] if argv is None else argv)
+  parser, args, pipeline_options = parse_command_line(argv)
   if args.index_only:
-    return rebuild_indexes(parser, args, pipeline_options)
+    return rebuild_indexes(parser, args, pipeline_options, launch)
   try:
     # Beam checks its own options here (project, temp_location, ...): before the models load.
     pipeline = beam.Pipeline(options=pipeline_options)
   except ValueError as e:
     parser.error(' '.join(str(e).split()))
+  runner_name = runners.runner_name_of(pipeline_options)
   workers_elsewhere = runners.local_worker_processes(pipeline_options) or (
-      runners.runner_name_of(pipeline_options) != 'direct')
+      runner_name != 'direct')
   try:
     # When the job runs in other processes, the models are probed in a child process too,
     # so that this one never holds TensorFlow and a model in memory while it waits.
@@ -39,12 +54,18 @@ def main(argv=None):
       intra_op_threads=(config.intra_op_threads or
                         runners.default_intra_op_threads(pipeline_options)))
   if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
+    launch['out_dir'] = config.out_dir
     prepare_output_dir(config.out_dir, config.resume, args.overwrite)
+    launch['output_prepared'] = True
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
   try:
     with live_progress(config, runner, args.progress_seconds) as metrics:
       build_pipeline(pipeline, config, metrics)
       result = pipeline.run()
+      if runner_name == 'dataflow' and not args.dry_run:
+        # Submitted: the job goes on without this process.
+        launch['dataflow_job'] = (
+            result.job_id(), pipeline_options.view_as(beam_options.GoogleCloudOptions).region)
       result.wait_until_finish()
     if args.dry_run:
       print(runners.dry_run_summary(result))
@@ -72,7 +93,7 @@ def write_report_or_warn(out_dir):
                     'python -m views.run_report --run %s', type(e).__name__, e, out_dir)
 
 
-def rebuild_indexes(parser, args, pipeline_options):
+def rebuild_indexes(parser, args, pipeline_options, launch):
   """--index_only: the index stage alone over a finished run's Parquet."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
@@ -84,6 +105,7 @@ def rebuild_indexes(parser, args, pipeline_options):
     parser.error(str(e))
   pipeline = beam.Pipeline(options=pipeline_options)
   build_index_only_pipeline(pipeline, config)
+  launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
   mark_being_written(config.out_dir)
   try:
     result = pipeline.run()

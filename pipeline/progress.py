@@ -65,8 +65,9 @@ def progress_figures(totals, model_names, input_files, files_are_images):
           'done': done, 'total': total}
 
 
-def format_progress(figures, elapsed, rate, final=False):
-  """The progress line: counts, images per second and the estimated time left."""
+def format_progress(figures, elapsed, rate, ending=None):
+  """The progress line: counts, images per second and the estimated time left; the last
+  line ends with how the run ended ('done', 'stopped')."""
   if figures['files_are_images'] and figures['total'] is not None:
     read = 'read %s/%s' % (format(figures['read'], ','), format(figures['total'], ','))
   elif figures['input_files'] is not None:
@@ -84,8 +85,8 @@ def format_progress(figures, elapsed, rate, final=False):
   parts = [format_duration(elapsed), read, embedded_text,
            'failed %s' % format(figures['failed'], ','), '%.1f images/s' % rate]
   total = figures['total']
-  if final:
-    parts.append('done')
+  if ending:
+    parts.append(ending)
   elif total is not None and figures['done'] >= total:
     parts.append('finishing (index, manifest)')
   elif total is not None and rate > 0:
@@ -122,7 +123,7 @@ class ProgressReporter:
     except Exception:  # pylint: disable=broad-except
       pass  # no total, no estimate; the counts still show
 
-  def line(self, final=False):
+  def line(self, ending=None):
     """Reads the progress files once and returns the current line."""
     figures = progress_figures(run_metrics.read_progress(self._progress_dir),
                                self._model_names, self._input_files, self._files_are_images)
@@ -130,13 +131,13 @@ class ProgressReporter:
     self._history.append((now, figures['done']))
     while now - self._history[0][0] > RATE_WINDOW_SECONDS:
       self._history.popleft()
-    if final:
+    if ending:
       # The run's own rate: the last minute of a finished run is its index and manifest.
       then, done_then = self._started, 0
     else:
       then, done_then = self._history[0]
     rate = (figures['done'] - done_then) / (now - then) if now > then else 0.0
-    return format_progress(figures, now - self._started, rate, final)
+    return format_progress(figures, now - self._started, rate, ending)
 
   def _write(self, text, final=False):
     if self._terminal:
@@ -155,12 +156,12 @@ class ProgressReporter:
     self._thread.start()
     return self
 
-  def stop(self):
+  def stop(self, ending='done'):
     """Ends the thread and writes the last line."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    self._write(self.line(final=True), final=True)
+    self._write(self.line(ending), final=True)
 
 
 @contextlib.contextmanager
@@ -174,8 +175,10 @@ def live_progress(config, runner, interval):
   reporter = ProgressReporter(progress_dir, [spec.name for spec in config.models],
                               config.patterns, config.input_format, interval,
                               excluded=config.out_dir).start()
+  ending = 'stopped'  # interrupted, or failed: its error follows
   try:
     yield run_metrics.RunMetrics(progress_dir)
+    ending = 'done'
   finally:
-    reporter.stop()
+    reporter.stop(ending)
     shutil.rmtree(progress_dir, ignore_errors=True)

@@ -101,6 +101,23 @@ def with_dry_run(beam_args):
   return list(beam_args) + ['--dry_run=True']
 
 
+def interrupted_message(out_dir=None, output_prepared=False, dataflow_job=None,
+                        rebuilding_indexes=False):
+  """One line on what an interrupted launcher (Ctrl-C) leaves behind. dataflow_job:
+  (job id, region) of a submitted Dataflow job, which goes on without its launcher."""
+  if dataflow_job:
+    return ('interrupted; Dataflow job %s keeps running and will complete %s without this '
+            'launcher (to stop it: gcloud dataflow jobs cancel %s --region %s)'
+            % (dataflow_job[0], out_dir, dataflow_job[0], dataflow_job[1]))
+  if rebuilding_indexes:
+    return ('interrupted; the indexes of %s may be partly rebuilt: run the same command '
+            'again' % out_dir)
+  if output_prepared:
+    return ('interrupted; %s holds an unfinished run: to finish it, run the same command '
+            'with --resume (without --overwrite)' % out_dir)
+  return 'interrupted before any work; nothing was written'
+
+
 def job_stages(pipeline_proto):
   """Names of the top-level stages of a Beam pipeline proto, in graph order."""
   transforms = pipeline_proto.components.transforms

@@ -3,10 +3,14 @@
 import io
 import json
 
+import pytest
+
 from pipeline import progress, summary
+from pipeline.graph import JobConfig
 from schemas.records import FailureRecord
 from transforms import metrics
 from transforms.failures import FailureReasons
+from transforms.models import ModelSpec
 
 
 def totals(read_ok=0, read_failed=0, decode_failed=0, files_read=0, **models):
@@ -40,7 +44,7 @@ def test_shards_give_a_total_once_every_shard_is_read():
   assert read['total'] == 601 and read['done'] == 301
   assert progress.format_progress(read, 3700, 10.0).endswith('about 0:30 left')
   assert progress.format_progress(read, 3700, 10.0).startswith('1:01:40 | ')
-  assert progress.format_progress(read, 3700, 10.0, final=True).endswith('| done')
+  assert progress.format_progress(read, 3700, 10.0, ending='done').endswith('| done')
 
 
 def test_progress_files_of_several_processes_add_up(tmp_path):
@@ -133,3 +137,16 @@ def test_summary_shows_the_manifest_figures():
   assert '10 images read in 1:05 (0.2 images/s)' in text
   assert 'outputs in /out:' in text and 'report.html' in text
   assert 'report.html' not in summary.format_summary(manifest, '/out', with_report=False)
+
+
+def test_a_run_that_stops_early_does_not_end_with_done(tmp_path, capsys):
+  config = JobConfig(patterns=(str(tmp_path / '*.jpg'),), input_format='auto',
+                     root=str(tmp_path), out_dir=str(tmp_path / 'out'),
+                     models=(ModelSpec('m', 'handle'),), batch_size=8)
+  with pytest.raises(KeyboardInterrupt):
+    with progress.live_progress(config, None, 30):
+      raise KeyboardInterrupt
+  with progress.live_progress(config, None, 30):
+    pass
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines[0].endswith('| stopped') and lines[1].endswith('| done')

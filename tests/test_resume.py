@@ -307,3 +307,34 @@ def test_an_output_being_written_is_refused(tmp_path, uninterrupted, inputs, tes
   resume.unmark_being_written(str(out))
   assert not (out / outputs.RUNNING_FILE).exists()
   resume.check_output_dir(str(out), resume=True)
+
+
+def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path, uninterrupted, inputs,
+                                                        test_models):
+  out = tmp_path / 'out'
+  command = [sys.executable, str(PROJECT / 'run_pipeline.py'),
+             *job_args(inputs, out, test_models)]
+  # SIGINT as a terminal's Ctrl-C sends it (a test runner may have it ignored).
+  process = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  try:
+    deadline = time.time() + 240
+    # Once the output is prepared: the job has begun and is far from done.
+    while (not (out / outputs.RUNNING_FILE).exists() and process.poll() is None
+           and time.time() < deadline):
+      time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 130, stderr[-3000:]
+  assert 'Traceback' not in stderr
+  assert stderr.strip().splitlines()[-1] == (
+      'run_pipeline.py: interrupted; %s holds an unfinished run: to finish it, run the same '
+      'command with --resume (without --overwrite)' % out)
+  assert not (out / outputs.RUNNING_FILE).exists() and not (out / 'manifest.json').exists()
+
+  run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
+
+  assert_same_output(out, uninterrupted)

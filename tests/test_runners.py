@@ -7,7 +7,7 @@ import run_pipeline
 from pipeline.runners import (PROJECT_SETUP_FILE, RunnerUsageError, beam_options_record,
                               default_intra_op_threads, local_cores, local_worker_processes,
                               runner_name, short_runner_name, with_dry_run,
-                              with_local_defaults, with_project_shipped)
+                              interrupted_message, with_local_defaults, with_project_shipped)
 
 
 def direct_options(beam_args):
@@ -126,3 +126,12 @@ def test_other_runners_ship_nothing():
 def test_dataflow_job_without_a_setup_file_to_ship_is_refused(tmp_path):
   with pytest.raises(RunnerUsageError, match='pass --setup_file'):
     with_project_shipped(['--runner', 'DataflowRunner'], str(tmp_path / 'setup.py'))
+
+
+def test_interrupted_dataflow_launch_says_the_job_goes_on_and_how_to_stop_it():
+  line = interrupted_message('gs://b/out', True, ('2026-11-24_01_02_03-123', 'europe-west4'))
+  assert 'Dataflow job 2026-11-24_01_02_03-123 keeps running and will complete gs://b/out' in line
+  assert line.endswith('gcloud dataflow jobs cancel 2026-11-24_01_02_03-123 '
+                       '--region europe-west4)')
+  assert 'may be partly rebuilt' in interrupted_message('out', rebuilding_indexes=True)
+  assert interrupted_message() == 'interrupted before any work; nothing was written'
