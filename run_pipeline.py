@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import traceback
 
 from pipeline.options import (UsageError, make_config, make_index_only_config,
                               parse_command_line, quiet_tensorflow)
@@ -17,6 +18,23 @@ def main(argv=None):
     # One line instead of Beam's stack; 130 is how shells report an interrupted command.
     print('run_pipeline.py: ' + interrupted_message(**launch), file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if 'out_dir' not in launch:
+      raise  # before any work: nothing to finish
+    report_failure(e, launch)
+    sys.exit(1)
+
+
+def report_failure(error, launch):
+  """The stack is for whoever fixes the cause; the last line says what it means and
+  what is left, after the stacks of Beam's own threads."""
+  from pipeline.runners import WorkerProcessDied, failed_message  # pylint: disable=import-outside-toplevel
+  if not isinstance(error, WorkerProcessDied):  # its stack is only the signal's
+    traceback.print_exception(error)
+  print('run_pipeline.py: ' + failed_message(error, launch['out_dir'],
+                                             launch.get('dataflow_job'),
+                                             launch.get('rebuilding_indexes', False)),
+        file=sys.stderr, flush=True)
 
 
 def run_job(argv, launch):
@@ -59,7 +77,9 @@ def run_job(argv, launch):
     launch['output_prepared'] = True
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
   try:
-    with live_progress(config, runner, args.progress_seconds) as metrics:
+    with live_progress(config, runner, args.progress_seconds) as metrics, \
+        runners.stop_if_a_worker_dies(lambda error: (unmark_being_written(config.out_dir),
+                                                     report_failure(error, launch))):
       build_pipeline(pipeline, config, metrics)
       result = pipeline.run()
       if runner_name == 'dataflow' and not args.dry_run:

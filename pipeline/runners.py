@@ -1,6 +1,9 @@
 """Runner choices around the job: local parallelism defaults, Dataflow dry runs, summaries."""
 
+import contextlib
 import os
+import signal
+import threading
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -16,6 +19,120 @@ PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 
 class RunnerUsageError(ValueError):
   """Runner flags that do not fit together."""
+
+
+class WorkerProcessDied(RuntimeError):
+  """A local worker process ended with an error status while the run went on."""
+
+
+# How the DirectRunner reports a worker process's death: an error in the thread that
+# waits for it ('Worker ... exited with return code N').
+_WORKER_THREAD = 'run_worker'
+_WORKER_EXIT = 'exited with return code'
+
+
+def _parent_pids():
+  """{pid: parent pid} of every process this user can see (Linux /proc; {} elsewhere)."""
+  parents = {}
+  for entry in os.listdir('/proc') if os.path.isdir('/proc') else ():
+    if entry.isdigit():
+      try:
+        with open('/proc/%s/stat' % entry, encoding='ascii', errors='replace') as f:
+          parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+      except (OSError, ValueError, IndexError):
+        pass  # ended meanwhile
+  return parents
+
+
+def local_worker_pids(launcher=None):
+  """The DirectRunner worker processes that a launcher process (default: this one)
+  started, through a shell."""
+  launcher = launcher or os.getpid()
+  parents, found = _parent_pids(), []
+  for pid in parents:
+    ancestor = parents.get(pid)
+    while ancestor and ancestor != launcher:
+      ancestor = parents.get(ancestor)
+    if ancestor:
+      try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+          command = f.read()
+      except OSError:
+        continue
+      if b'sdk_worker_main' in command and not command.startswith(b'/bin/sh'):
+        found.append(pid)
+  return found
+
+
+def _kill(pid):
+  try:
+    os.kill(pid, signal.SIGKILL)
+  except OSError:
+    pass  # already gone
+
+
+# Seconds the main thread gets to come out of the runner after a worker died, before
+# the process ends itself: the runner can keep waiting on a worker that died, or on one
+# it starts afterwards.
+WORKER_DEATH_GRACE_SECONDS = 10
+
+
+@contextlib.contextmanager
+def stop_if_a_worker_dies(last_words):
+  """Around a local multi-process run: when a worker process ends with an error (killed,
+  crashed), the other workers are stopped and WorkerProcessDied is raised in this (the
+  main) thread. The DirectRunner only reports the death in a thread of its own and can
+  wait forever. If the main thread is still inside the runner after
+  WORKER_DEATH_GRACE_SECONDS, last_words(error) runs and the process exits (status 1).
+  Does nothing outside the main thread, where signals cannot be handled."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  deaths, watching, lock = [], [True], threading.Lock()
+  deadline = []
+
+  def raise_in_main_thread(signum, frame):
+    raise WorkerProcessDied(deaths[0])
+
+  def give_up():
+    with lock:
+      if not watching[0]:
+        return
+    for pid in local_worker_pids():  # any started since
+      _kill(pid)
+    last_words(WorkerProcessDied(deaths[0]))
+    os._exit(1)  # pylint: disable=protected-access
+
+  def on_thread_error(args):
+    if (args.thread is not None and args.thread.name == _WORKER_THREAD
+        and isinstance(args.exc_value, RuntimeError) and _WORKER_EXIT in str(args.exc_value)):
+      with lock:
+        if watching[0]:  # never a signal once the handler is gone (it would end us)
+          deaths.append(str(args.exc_value))
+          if len(deaths) == 1:
+            # The runner's cleanup waits for every worker process to end, and the others
+            # would wait for work forever.
+            for pid in local_worker_pids():
+              _kill(pid)
+            deadline.append(threading.Timer(WORKER_DEATH_GRACE_SECONDS, give_up))
+            deadline[0].daemon = True
+            deadline[0].start()
+            os.kill(os.getpid(), signal.SIGUSR1)
+          return  # the main thread reports it
+    previous_hook(args)
+
+  previous_hook = threading.excepthook
+  previous_handler = signal.signal(signal.SIGUSR1, raise_in_main_thread)
+  threading.excepthook = on_thread_error
+  try:
+    yield
+  finally:
+    with lock:
+      watching[0] = False
+      threading.excepthook = previous_hook
+      if deadline:
+        deadline[0].cancel()
+    signal.signal(signal.SIGUSR1, previous_handler)
 
 
 def local_cores():
@@ -116,6 +233,28 @@ def interrupted_message(out_dir=None, output_prepared=False, dataflow_job=None,
     return ('interrupted; %s holds an unfinished run: to finish it, run the same command '
             'with --resume (without --overwrite)' % out_dir)
   return 'interrupted before any work; nothing was written'
+
+
+def failed_message(error, out_dir, dataflow_job=None, rebuilding_indexes=False):
+  """One line after the stack of a run that failed once it had begun: what the error
+  means when Beam's own words do not say it, and what is left in the output."""
+  cause = '%s: %s' % (type(error).__name__, ' '.join(str(error).split()))
+  # 'Channel closed prematurely': the DirectRunner's words when a worker process died
+  # while it was being sent work.
+  if isinstance(error, WorkerProcessDied) or (
+      isinstance(error, RuntimeError) and 'closed prematurely' in str(error)):
+    status = str(error).rsplit(' ', 1)[-1] if isinstance(error, WorkerProcessDied) else None
+    cause = ('a worker process ended unexpectedly%s (killed or crashed; a system short of '
+             'memory kills its largest process: see "Memory per worker process" in the '
+             'README, fewer --direct_num_workers use less)'
+             % (' with exit status %s' % status if status else ''))
+  if rebuilding_indexes:
+    return 'the index rebuild failed: %s. Run it again once the cause is fixed' % cause
+  left = ('Dataflow job %s failed and %s' % (dataflow_job[0], out_dir) if dataflow_job
+          else out_dir)
+  return ('the run failed: %s. %s holds an unfinished run: once the cause is fixed, run '
+          'the same command with --resume (without --overwrite) to finish it'
+          % (cause, left))
 
 
 def job_stages(pipeline_proto):

@@ -16,6 +16,7 @@ import pytest
 import imagegen
 import run_pipeline
 from conftest import IN_PROCESS, PROJECT
+from pipeline import runners
 from schemas import outputs
 
 IMAGES = 24
@@ -338,3 +339,34 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path, uninterrupted,
   run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
 
   assert_same_output(out, uninterrupted)
+
+
+def test_a_worker_process_killed_at_start_ends_the_run_with_one_line(tmp_path, inputs,
+                                                                     test_models):
+  # What the system does to a worker when memory runs out. The DirectRunner alone would
+  # wait forever for a worker that died before it connected.
+  out = tmp_path / 'out'
+  command = [sys.executable, str(PROJECT / 'run_pipeline.py'),
+             *[arg for arg in job_args(inputs, out, test_models) if arg not in IN_PROCESS]]
+  process = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while process.poll() is None and time.time() < deadline:
+      workers = runners.local_worker_pids(process.pid)
+      if workers:
+        os.kill(workers[0], signal.SIGKILL)
+        break
+      time.sleep(0.005)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 1, stderr[-3000:]
+  # The shells that ran the worker processes may still say 'Killed' after it.
+  last = [line for line in stderr.splitlines() if line.startswith('run_pipeline.py:')][-1]
+  assert last.startswith('run_pipeline.py: the run failed: a worker process ended '
+                         'unexpectedly with exit status 137 (killed or crashed;'), last
+  assert last.endswith('%s holds an unfinished run: once the cause is fixed, run the same '
+                       'command with --resume (without --overwrite) to finish it' % out)
+  assert not runners.local_worker_pids(process.pid)
+  assert not (out / outputs.RUNNING_FILE).exists()
