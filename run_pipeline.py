@@ -117,6 +117,7 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   """--index_only: the index stage alone over a finished run's Parquet."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
+  from pipeline.runners import stop_if_a_worker_dies  # pylint: disable=import-outside-toplevel
   from pipeline.resume import mark_being_written, unmark_being_written  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
   try:
@@ -128,8 +129,10 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
   mark_being_written(config.out_dir)
   try:
-    result = pipeline.run()
-    result.wait_until_finish()
+    with stop_if_a_worker_dies(lambda error: (unmark_being_written(config.out_dir),
+                                              report_failure(error, launch))):
+      result = pipeline.run()
+      result.wait_until_finish()
     manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
     if not args.no_report:
       write_report_or_warn(config.out_dir)  # it shows the index figures

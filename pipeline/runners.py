@@ -1,4 +1,5 @@
-"""Runner choices around the job: local parallelism defaults, Dataflow dry runs, summaries."""
+"""Runner choices around the job: local parallelism, shipping the code to Dataflow, dry
+runs, dying local workers, and the last line of an interrupted or failed launch."""
 
 import contextlib
 import os
