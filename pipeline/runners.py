@@ -85,8 +85,10 @@ def stop_if_a_worker_dies(last_words):
   main) thread. The DirectRunner only reports the death in a thread of its own and can
   wait forever. If the main thread is still inside the runner after
   WORKER_DEATH_GRACE_SECONDS, last_words(error) runs and the process exits (status 1).
-  Does nothing outside the main thread, where signals cannot be handled."""
-  if threading.current_thread() is not threading.main_thread():
+  Does nothing outside the main thread, where signals cannot be handled, or without
+  SIGUSR1 (Windows)."""
+  if (threading.current_thread() is not threading.main_thread()
+      or not hasattr(signal, 'SIGUSR1')):
     yield
     return
   deaths, watching, lock = [], [True], threading.Lock()

@@ -1,13 +1,18 @@
 """Runner flags: the all-cores local default, --dry_run's checks, Beam option mistakes."""
 
+import signal
+import threading
+import time
+
 import pytest
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 import run_pipeline
-from pipeline.runners import (PROJECT_SETUP_FILE, RunnerUsageError, beam_options_record,
-                              default_intra_op_threads, local_cores, local_worker_processes,
-                              runner_name, short_runner_name, with_dry_run,
-                              interrupted_message, with_local_defaults, with_project_shipped)
+from pipeline.runners import (PROJECT_SETUP_FILE, RunnerUsageError, WorkerProcessDied,
+                              beam_options_record, default_intra_op_threads,
+                              interrupted_message, local_cores, local_worker_processes,
+                              runner_name, short_runner_name, stop_if_a_worker_dies,
+                              with_dry_run, with_local_defaults, with_project_shipped)
 
 
 def direct_options(beam_args):
@@ -135,3 +140,32 @@ def test_interrupted_dataflow_launch_says_the_job_goes_on_and_how_to_stop_it():
                        '--region europe-west4)')
   assert 'may be partly rebuilt' in interrupted_message('out', rebuilding_indexes=True)
   assert interrupted_message() == 'interrupted before any work; nothing was written'
+
+
+def _raise(error):
+  raise error
+
+
+def test_a_worker_death_reported_by_the_runner_thread_raises_in_the_main_thread():
+  before = threading.excepthook, signal.getsignal(signal.SIGUSR1)
+  with pytest.raises(WorkerProcessDied, match='return code 137'):
+    with stop_if_a_worker_dies(lambda error: None):
+      # As Beam's DirectRunner reports it, from the thread waiting on the worker.
+      reporter = threading.Thread(name='run_worker', target=_raise, args=(
+          RuntimeError('Worker subprocess exited with return code 137'),))
+      reporter.start()
+      reporter.join()
+      time.sleep(30)  # interrupted by the report
+  assert (threading.excepthook, signal.getsignal(signal.SIGUSR1)) == before
+
+
+def test_other_thread_errors_pass_through_the_worker_watch(monkeypatch):
+  seen = []
+  monkeypatch.setattr(threading, 'excepthook', lambda args: seen.append(str(args.exc_value)))
+  with stop_if_a_worker_dies(lambda error: None):
+    for name, error in (('other', RuntimeError('unrelated')),
+                        ('run_worker', ValueError('exited with return code, but no death'))):
+      thread = threading.Thread(name=name, target=_raise, args=(error,))
+      thread.start()
+      thread.join()
+  assert seen == ['unrelated', 'exited with return code, but no death']
