@@ -9,6 +9,7 @@ from typing import NamedTuple, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.runners import process_stat_field
 from schemas import outputs
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
 
@@ -119,11 +120,7 @@ def _process_start(pid):
   """When a process of this machine started (clock ticks since boot), or None when it
   does not exist or there is no /proc. With the pid it names one process: pids are
   reused, start times of the same pid are not."""
-  try:
-    with open('/proc/%d/stat' % pid, encoding='ascii', errors='replace') as f:
-      return int(f.read().rsplit(')', 1)[1].split()[19])  # field 22, starttime
-  except (OSError, ValueError, IndexError):
-    return None
+  return process_stat_field(pid, 22)
 
 
 def _writer_alive(writer):

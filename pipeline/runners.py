@@ -32,16 +32,26 @@ _WORKER_THREAD = 'run_worker'
 _WORKER_EXIT = 'exited with return code'
 
 
+def process_stat_field(pid, field):
+  """One numeric field of a process's /proc/PID/stat, numbered as proc(5) numbers them
+  (4: parent pid, 22: start time), or None when the process does not exist (any more)
+  or there is no /proc. The command name (field 2) may hold spaces and parentheses, so
+  the fields are counted from its closing parenthesis."""
+  try:
+    with open('/proc/%d/stat' % pid, encoding='ascii', errors='replace') as f:
+      return int(f.read().rsplit(')', 1)[1].split()[field - 3])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def _parent_pids():
   """{pid: parent pid} of every process this user can see (Linux /proc; {} elsewhere)."""
   parents = {}
   for entry in os.listdir('/proc') if os.path.isdir('/proc') else ():
     if entry.isdigit():
-      try:
-        with open('/proc/%s/stat' % entry, encoding='ascii', errors='replace') as f:
-          parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
-      except (OSError, ValueError, IndexError):
-        pass  # ended meanwhile
+      parent = process_stat_field(int(entry), 4)
+      if parent is not None:  # else it ended meanwhile
+        parents[int(entry)] = parent
   return parents
 
 
