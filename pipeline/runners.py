@@ -101,35 +101,38 @@ def stop_if_a_worker_dies(last_words):
       or not hasattr(signal, 'SIGUSR1')):
     yield
     return
-  deaths, watching, lock = [], [True], threading.Lock()
-  deadline = []
+  lock = threading.Lock()
+  watching = True  # False once the handler is gone: a signal then would end us
+  death = None  # the first worker's report
 
   def raise_in_main_thread(signum, frame):
-    raise WorkerProcessDied(deaths[0])
+    raise WorkerProcessDied(death)
 
   def give_up():
     with lock:
-      if not watching[0]:
+      if not watching:
         return
     for pid in local_worker_pids():  # any started since
       _kill(pid)
-    last_words(WorkerProcessDied(deaths[0]))
+    last_words(WorkerProcessDied(death))
     os._exit(1)  # pylint: disable=protected-access
 
+  deadline = threading.Timer(WORKER_DEATH_GRACE_SECONDS, give_up)
+  deadline.daemon = True
+
   def on_thread_error(args):
+    nonlocal death
     if (args.thread is not None and args.thread.name == _WORKER_THREAD
         and isinstance(args.exc_value, RuntimeError) and _WORKER_EXIT in str(args.exc_value)):
       with lock:
-        if watching[0]:  # never a signal once the handler is gone (it would end us)
-          deaths.append(str(args.exc_value))
-          if len(deaths) == 1:
+        if watching:
+          if death is None:
+            death = str(args.exc_value)
             # The runner's cleanup waits for every worker process to end, and the others
             # would wait for work forever.
             for pid in local_worker_pids():
               _kill(pid)
-            deadline.append(threading.Timer(WORKER_DEATH_GRACE_SECONDS, give_up))
-            deadline[0].daemon = True
-            deadline[0].start()
+            deadline.start()
             os.kill(os.getpid(), signal.SIGUSR1)
           return  # the main thread reports it
     previous_hook(args)
@@ -141,10 +144,9 @@ def stop_if_a_worker_dies(last_words):
     yield
   finally:
     with lock:
-      watching[0] = False
+      watching = False
       threading.excepthook = previous_hook
-      if deadline:
-        deadline[0].cancel()
+      deadline.cancel()
     signal.signal(signal.SIGUSR1, previous_handler)
 
 
