@@ -37,6 +37,17 @@ def report_failure(error, launch):
         file=sys.stderr, flush=True)
 
 
+def last_words(launch):
+  """What the process does before it ends itself after a worker died (see
+  pipeline.runners.stop_if_a_worker_dies): its finally-blocks will not run."""
+  from pipeline.resume import unmark_being_written  # pylint: disable=import-outside-toplevel
+
+  def say(error):
+    unmark_being_written(launch['out_dir'])
+    report_failure(error, launch)
+  return say
+
+
 def run_job(argv, launch):
   """Flags -> checks -> run -> summary; `launch` (a dict) gets interrupted_message's
   arguments as soon as they apply."""
@@ -78,8 +89,7 @@ def run_job(argv, launch):
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
   try:
     with live_progress(config, runner, args.progress_seconds) as metrics, \
-        runners.stop_if_a_worker_dies(lambda error: (unmark_being_written(config.out_dir),
-                                                     report_failure(error, launch))):
+        runners.stop_if_a_worker_dies(last_words(launch)):
       build_pipeline(pipeline, config, metrics)
       result = pipeline.run()
       if runner_name == 'dataflow' and not args.dry_run:
@@ -129,8 +139,7 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
   mark_being_written(config.out_dir)
   try:
-    with stop_if_a_worker_dies(lambda error: (unmark_being_written(config.out_dir),
-                                              report_failure(error, launch))):
+    with stop_if_a_worker_dies(last_words(launch)):
       result = pipeline.run()
       result.wait_until_finish()
     manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
