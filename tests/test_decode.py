@@ -113,6 +113,11 @@ def test_raised_limit_goes_beyond_pillows_own(monkeypatch):
   assert (width, height) == (200, 150) and pixels[SIZE].shape == SIZE + (3,)
   with pytest.raises(ImageDecodeError, match='decompression bomb'):
     decode_image(scan, [SIZE], max_pixels=20_000)
+  # A program that turned Pillow's check off still gets ours.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)
+  with pytest.raises(ImageDecodeError, match='limit of 20000'):
+    decode_image(scan, [SIZE], max_pixels=20_000)
+  assert decode_image(scan, [SIZE], max_pixels=40_000)[:2] == (200, 150)
 
 
 def test_decode_record_returns_failure_record_with_reason():

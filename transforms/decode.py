@@ -109,8 +109,10 @@ def load_image(data, draft_side, max_pixels=MAX_IMAGE_PIXELS):
       image = JpegImagePlugin.jpeg_factory(io.BytesIO(data))
     else:
       # Pillow refuses from twice its process-wide limit, whatever the run's; raised
-      # (never lowered) to this run's, the check below decides for every format.
-      Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels)
+      # (never lowered, nor set when the program turned it off with None) to this
+      # run's, the check below decides for every format.
+      if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
       with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
