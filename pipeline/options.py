@@ -297,6 +297,9 @@ def _why_nothing(pattern):
   if others:
     return (' (patterns are case-sensitive: %s would match in another letter case)'
             % ', '.join(others))
+  if '[' in pattern:
+    return (" ('[...]' in a pattern matches one of the characters inside; to match a '['"
+            " in a name, write '[[]', as in 'photos [[]2019]/**/*.jpg')")
   return ''
 
 

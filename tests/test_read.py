@@ -312,6 +312,50 @@ def test_a_folder_is_every_file_below_it(tmp_path):
   assert read.folder_as_pattern(d + '/*.jpg') == d + '/*.jpg'
 
 
+def test_names_with_glob_characters_are_taken_as_they_are(tmp_path):
+  folder = tmp_path / 'photos [2019]' / 'sub (1)'
+  folder.mkdir(parents=True)
+  names = ['img [1] *star?.jpg', 'plain.jpg']
+  for name in names:
+    (folder / name).write_bytes(b'x')
+  (tmp_path / 'photos 2').mkdir()  # what '[2019]' would match as a class
+  (tmp_path / 'photos 2' / 'other.jpg').write_bytes(b'x')
+  top, d = str(tmp_path / 'photos [2019]'), str(folder)
+  pattern = read.folder_as_pattern(top)
+  assert pattern == str(tmp_path) + '/photos [[]2019]/**'
+  assert _matched(pattern) == [d + '/' + name for name in names]
+  # Keys are relative to the folder as it is named on disk.
+  assert read.common_root([pattern]) == top + '/'
+  one = read.folder_as_pattern(d + '/' + names[0])
+  assert one == read.quote_glob(d) + '/img [[]1] [*]star[?].jpg' and not read.is_glob(one)
+  assert _matched(one) == [d + '/' + names[0]]
+  # Quoted by the user inside a pattern, and unquoted: a character class.
+  assert _matched(str(tmp_path) + '/photos [[]2019]/**/*.jpg') == [
+      d + '/' + name for name in names]
+  assert _matched(str(tmp_path) + '/photos [2019]/**/*.jpg') == [
+      str(tmp_path / 'photos 2' / 'other.jpg')]
+  assert read.folder_as_pattern(str(tmp_path) + '/photos [2019]/**/*.jpg') == (
+      str(tmp_path) + '/photos [2019]/**/*.jpg')  # a pattern, not an existing path
+  assert read.unquote_glob(read.quote_glob('a[b]*c?')) == 'a[b]*c?'
+
+
+def test_a_remote_name_with_glob_characters_can_be_quoted():
+  import memory_filesystem  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  memory_filesystem.clear()
+  base = memory_filesystem.PREFIX + 'bucket/photos [2019]'
+  try:
+    for name in ('a.jpg', 'b [1].jpg'):
+      with FileSystems.create(base + '/' + name) as f:
+        f.write(b'x')
+    quoted = read.quote_glob(base)
+    assert _matched(quoted + '/**/*.jpg') == [base + '/a.jpg', base + '/b [1].jpg']
+    assert _matched(read.quote_glob(base + '/b [1].jpg')) == [base + '/b [1].jpg']
+    assert read.common_root([quoted + '/**']) == base + '/'
+  finally:
+    memory_filesystem.clear()
+
+
 def test_remote_patterns_follow_the_same_rules():
   import memory_filesystem  # pylint: disable=import-outside-toplevel
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
@@ -420,3 +464,16 @@ def test_a_pattern_matching_only_in_another_case_says_so(tmp_path, capsys):
   error = capsys.readouterr().err.strip().splitlines()[-1]
   assert 'matches no files (patterns are case-sensitive: ' in error
   assert str(tmp_path / 'IMG_0001.JPG') in error
+
+
+def test_a_bracket_pattern_matching_nothing_says_how_to_quote(tmp_path, capsys):
+  import run_pipeline  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'photos [2019]').mkdir()
+  (tmp_path / 'photos [2019]' / 'a.jpg').write_bytes(b'x')
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(['--input', str(tmp_path / 'photos [2019]' / '*.jpg'),
+                       '--output', str(tmp_path / 'out')])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "matches no files ('[...]' in a pattern matches one of the characters" in error
+  assert "write '[[]'" in error

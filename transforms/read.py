@@ -24,8 +24,10 @@ TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrec', '.tfrecord.gz', '.tfre
 WEBDATASET_SUFFIXES = ('.tar',)
 WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
-# Beam's glob characters (its translate_pattern knows no braces).
+# Beam's glob characters (its translate_pattern knows no braces). It has no quoting, but a
+# one-character class quotes: '[[]' matches '[', '[*]' a '*', '[?]' a '?'.
 _GLOB_CHARS = re.compile(r'[*?\[]')
+_QUOTED_OR_GLOB = re.compile(r'\[([*?\[])\]|[*?\[]')
 _FOLDER_GLOBSTAR = '/**/'
 
 # Matched paths travel to the readers in chunks: small beside any worker's share of a
@@ -45,18 +47,41 @@ def normalize_pattern(pattern):
   return os.path.abspath(os.path.expanduser(pattern))
 
 
+def _first_glob(pattern):
+  """Where the pattern's first glob character that is not quoted is, or None."""
+  for match in _QUOTED_OR_GLOB.finditer(pattern):
+    if match.group(1) is None:
+      return match.start()
+  return None
+
+
 def is_glob(pattern):
-  return _GLOB_CHARS.search(pattern) is not None
+  return _first_glob(pattern) is not None
+
+
+def quote_glob(path):
+  """A path -> the pattern that matches exactly it, whatever characters its names hold."""
+  return _GLOB_CHARS.sub(lambda match: '[%s]' % match.group(0), path)
+
+
+def unquote_glob(literal):
+  """The path a pattern without glob characters names (quote_glob undone)."""
+  return _QUOTED_OR_GLOB.sub(lambda match: match.group(1) or match.group(0), literal)
 
 
 def folder_as_pattern(pattern):
-  """A pattern naming a folder (no glob characters, not a file) -> every file below it."""
+  """An --input -> the pattern the job matches: a folder becomes every file below it.
+  A local file or folder that exists is taken as it is even when its name holds glob
+  characters ('photos [2019]/', 'IMG_1 (copy?).jpg'): it is quoted."""
   if is_glob(pattern):
-    return pattern
+    if '://' in pattern or not os.path.lexists(pattern):
+      return pattern
+    pattern = quote_glob(pattern)
+  path = unquote_glob(pattern)
   if '://' in pattern:
-    is_folder = pattern.endswith('/') or not FileSystems.exists(pattern)
+    is_folder = path.endswith('/') or not FileSystems.exists(path)
   else:
-    is_folder = os.path.isdir(pattern)
+    is_folder = os.path.isdir(path)
   return pattern.rstrip('/') + '/**' if is_folder else pattern
 
 
@@ -67,7 +92,8 @@ def pattern_regex(pattern):
   bodies = []
   for piece in pattern.split(_FOLDER_GLOBSTAR):
     translated = FileSystem.translate_pattern(piece)  # '(?ms)' + body + '\Z'
-    bodies.append(translated[len('(?ms)'):-len('\\Z')])
+    # A quoted '[' comes out as the class '[[]', which Python's re warns about.
+    bodies.append(translated[len('(?ms)'):-len('\\Z')].replace('[[]', '\\['))
   return re.compile('(?ms)' + '/(?:.*/)?'.join(bodies) + '\\Z')
 
 
@@ -127,15 +153,23 @@ def iter_matches(pattern, limit=None, excluded=None):
     return ((regex is None or regex.match(path)) and
             not (excluded_prefix and path.startswith(excluded_prefix)))
 
-  if not is_glob(pattern):
-    matched = FileSystems.match([pattern])[0].metadata_list
-    if not matched and '://' not in pattern and os.path.lexists(pattern):
-      matched = [FileMetadata(pattern, 0, 0.0)]  # a dangling link
-    yield from (metadata for metadata in matched if wanted(metadata.path))
+  remote = '://' in pattern
+  if not remote and not is_glob(pattern):
+    metadata = _local_metadata(unquote_glob(pattern))
+    if metadata is not None and wanted(metadata.path):
+      yield metadata
+    return
+  if remote and not _GLOB_CHARS.search(pattern):
+    yield from (metadata for metadata in FileSystems.match([pattern])[0].metadata_list
+                if wanted(metadata.path))
     return
   regex = pattern_regex(pattern)
-  if '://' in pattern:
-    widened = pattern.replace(_FOLDER_GLOBSTAR, '/**')
+  if remote:
+    # Beam lists a looser pattern, then the listing is filtered: '**/' widened to '**',
+    # and quoted characters to '?' (Beam would compile '[[]' into a class that Python's
+    # re warns about).
+    widened = _QUOTED_OR_GLOB.sub(lambda match: '?' if match.group(1) else match.group(0),
+                                  pattern.replace(_FOLDER_GLOBSTAR, '/**'))
     listed = FileSystems.match([widened], [limit])[0].metadata_list
     found = [metadata for metadata in listed if wanted(metadata.path, regex)]
     if not found and limit is not None and len(listed) >= limit:
@@ -168,9 +202,11 @@ def match_pattern(pattern, limit=None, excluded=None):
 def literal_folder(pattern):
   """The folder (ending in '/') that holds everything a pattern can match: that of its
   literal part, before the first glob character."""
-  glob_at = _GLOB_CHARS.search(pattern)
-  literal = pattern[:glob_at.start()] if glob_at else pattern
-  return literal if literal.endswith('/') and glob_at else posixpath.dirname(literal) + '/'
+  glob_at = _first_glob(pattern)
+  literal = unquote_glob(pattern if glob_at is None else pattern[:glob_at])
+  if glob_at is not None and literal.endswith('/'):
+    return literal
+  return posixpath.dirname(literal) + '/'
 
 
 def common_root(patterns):
@@ -213,7 +249,7 @@ def may_hold_shards(patterns, input_format):
   patterns alone (when no listing is at hand). A pattern whose file name part ends in an
   image extension cannot; '*' or '**' may."""
   names = [posixpath.basename(pattern) for pattern in patterns]
-  if input_format == 'auto' and any(_GLOB_CHARS.search(name.rsplit('.', 1)[-1])
+  if input_format == 'auto' and any(is_glob(name.rsplit('.', 1)[-1])
                                     or '.' not in name for name in names):
     return True  # an extension that is itself a wildcard: anything may match
   return holds_shards(names, input_format)
