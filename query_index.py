@@ -59,6 +59,9 @@ DUPLICATE_BATCH_ROWS = 4096
 
 
 def load_manifest(run_dir):
+  refusal = outputs.glob_characters_refusal(run_dir)
+  if refusal:
+    raise QueryError('--run ' + refusal)
   path = outputs.output_path(run_dir, outputs.MANIFEST_FILE)
   if not outputs.FileSystems.exists(path):
     raise QueryError('%s holds no finished run (no %s)' % (run_dir, outputs.MANIFEST_FILE))

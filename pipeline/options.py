@@ -192,6 +192,9 @@ def check_output(out_dir):
   """A local --output must be (or become) a directory this user can write to. Remote
   outputs (gs://) are checked by the first write, since probing one needs credentials
   that a dry run does not have."""
+  refusal = outputs.glob_characters_refusal(out_dir)
+  if refusal:
+    raise UsageError('--output ' + refusal)
   if '://' in out_dir:
     return
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -259,6 +262,9 @@ def make_index_only_config(args):
     raise UsageError('--index_only rebuilds the indexes of --output; it takes no --input')
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
+  refusal = outputs.glob_characters_refusal(out_dir)
+  if refusal:
+    raise UsageError('--output ' + refusal)
   try:
     check_not_being_written(out_dir)
   except OutputDirError as e:

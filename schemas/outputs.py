@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,18 @@ def utc_now():
 
 def output_path(out_dir, *parts):
   return FileSystems.join(out_dir.rstrip('/'), *parts)
+
+
+def glob_characters_refusal(out_dir):
+  """Why an output folder named with glob characters cannot be used, or None. Its files
+  are found by pattern (by Beam's file sink too, which then cannot find the parts it
+  wrote), where '[', '*' and '?' would be read as wildcards."""
+  held = sorted(set(re.findall(r'[*?\[]', out_dir)))
+  if not held:
+    return None
+  return ('%s: an output folder whose name holds %s cannot be used (its files are found by '
+          'pattern, where these are wildcards); choose or rename it without them'
+          % (out_dir, ' or '.join("'%s'" % c for c in held)))
 
 
 def model_dir(out_dir, model_name):

@@ -111,6 +111,16 @@ def test_output_blocked_by_a_file(one_photo, capsys):
   assert status == 2 and 'is a file, not a directory' in lines[0]
 
 
+def test_output_named_with_glob_characters(one_photo, capsys):
+  # Beam's file sink finds the parts it wrote by pattern: in 'out [v1]' it found none
+  # and failed the run at its very end.
+  for flags in (['--input', str(one_photo / '*.jpg')], ['--index_only']):
+    status, lines = run_in_process(flags + ['--output', str(one_photo / 'out [v1]')], capsys)
+    assert status == 2 and len(lines) == 1
+    assert "out [v1]: an output folder whose name holds '[' cannot be used" in lines[0]
+  assert not (one_photo / 'out [v1]').exists()
+
+
 def test_help_lists_our_flags_with_default_and_example(capsys):
   from pipeline.options import build_parser  # pylint: disable=import-outside-toplevel
   parser = build_parser()

@@ -52,6 +52,17 @@ def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   assert 'cannot read --images_from' in capsys.readouterr().err
 
 
+def test_a_run_folder_renamed_with_brackets_is_one_line(query_run, tmp_path, capsys):
+  out, _, _ = query_run
+  renamed = tmp_path / 'run [old]'
+  shutil.copytree(out, renamed)
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(renamed), '--key', 'dogs/001.jpg'])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error.startswith('query_index.py: error: --run ') and "holds '[' cannot be used" in error
+
+
 def test_html_page_shows_queries_beside_neighbours(query_run, tmp_path):
   out, root, paths = query_run
   page = tmp_path / 'results.html'
