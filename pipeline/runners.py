@@ -3,6 +3,7 @@ runs, dying local workers, and the last line of an interrupted or failed launch.
 
 import contextlib
 import os
+import re
 import signal
 import threading
 
@@ -250,10 +251,26 @@ def interrupted_message(out_dir=None, output_prepared=False, dataflow_job=None,
   return 'interrupted before any work; nothing was written'
 
 
+# An exception's own line in a traceback's text: 'module.Name: message', unindented.
+_EXCEPTION_LINE = re.compile(r'^[A-Za-z_][\w.]*: \S')
+
+
+def error_cause(error):
+  """'Type: message' of an error, on one line. The DirectRunner raises a worker's error
+  as a RuntimeError whose message is the worker's whole traceback: its last error line
+  (the error, with the stage it happened in) stands for it."""
+  text = str(error)
+  if 'Traceback (most recent call last)' in text:
+    raised = [line for line in text.splitlines() if _EXCEPTION_LINE.match(line)]
+    if raised:
+      return ' '.join(raised[-1].split())
+  return '%s: %s' % (type(error).__name__, ' '.join(text.split()))
+
+
 def failed_message(error, out_dir, dataflow_job=None, rebuilding_indexes=False):
   """One line after the stack of a run that failed once it had begun: what the error
   means when Beam's own words do not say it, and what is left in the output."""
-  cause = '%s: %s' % (type(error).__name__, ' '.join(str(error).split()))
+  cause = error_cause(error)
   # 'Channel closed prematurely': the DirectRunner's words when a worker process died
   # while it was being sent work.
   if isinstance(error, WorkerProcessDied) or (

@@ -3,6 +3,7 @@ run killed with SIGKILL then resumed, equal to an uninterrupted run."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -370,3 +371,29 @@ def test_a_worker_process_killed_at_start_ends_the_run_with_one_line(tmp_path, i
                        'command with --resume (without --overwrite) to finish it' % out)
   assert not runners.local_worker_pids(process.pid)
   assert not (out / outputs.RUNNING_FILE).exists()
+
+
+def test_an_index_type_too_big_for_the_run_fails_with_one_short_line(tmp_path, inputs,
+                                                                      test_models):
+  # In a worker process the error reaches the launcher as a RuntimeError whose message
+  # is the worker's whole traceback; the last line says only what happened and where.
+  out = tmp_path / 'out'
+  command = [sys.executable, str(PROJECT / 'run_pipeline.py'), '--index_type', 'IVF256,Flat',
+             *[arg for arg in job_args(inputs, out, test_models) if arg not in IN_PROCESS]]
+  result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  # Either model's index may be the first to fail.
+  assert re.match(r"run_pipeline\.py: the run failed: ValueError: cannot train index "
+                  r"'IVF256,Flat' of model v[13] on %d vectors \(Number of training "
+                  r"points \(%d\) should be at least" % (IMAGES, IMAGES), last), last
+  assert "choose an --index_type that needs fewer" in last
+  assert 'Traceback' not in last and len(last) < 1000
+  assert not (out / 'manifest.json').exists()
+
+  # Everything was embedded: the resumed run only builds the indexes.
+  run_pipeline.main(job_args(inputs, out, test_models, '--resume', '--index_type', 'auto'))
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['counts']['models']['v1']['resumed'] == IMAGES
+  assert manifest['counts']['reconciled']

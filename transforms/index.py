@@ -349,7 +349,14 @@ def plan_index(out_dir, model_name, paths, index_type=AUTO,
   queries, train = sample[:query_count], sample[query_count:]
   if train_count:
     _skip_polysemous_training(index)
-    index.train(train)
+    try:
+      index.train(train)
+    except RuntimeError as e:  # an explicit --index_type with more clusters than vectors
+      reason = str(e).strip().splitlines()[-1].split(' failed: ')[-1]
+      raise ValueError(
+          'cannot train index %r of model %s on %d vectors (%s); choose an --index_type '
+          "that needs fewer ('auto' chooses from the number of vectors)"
+          % (factory, model_name, train_count, reason)) from e
   del train, sample
   release_free_memory()
   # Inverted lists take any ids, so each file fills its own part; other indexes number
