@@ -213,3 +213,40 @@ def test_a_run_where_every_image_fails_finishes(tmp_path, test_models, capsys):
     query_index.main(['--run', str(out), '--image', str(tmp_path / 'random.jpg')])
   assert stopped.value.code == 2
   assert 'embedded no image in this run' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', sorted(FILE_CASES))
+def test_a_file_is_judged_by_its_first_bytes_as_the_decoder_judges_it(tmp_path, name):
+  from transforms.decode import decode_record  # pylint: disable=import-outside-toplevel
+  from transforms.read import read_image_file  # pylint: disable=import-outside-toplevel
+  data = FILE_CASES[name][0]()
+  (tmp_path / name).write_bytes(data)
+  record = read_image_file(str(tmp_path / name), str(tmp_path) + '/')
+  # Read in full unless decoding the whole file fails for its format alone, and then
+  # with the same reason.
+  if FILE_CASES[name][1] == EMBEDDED:
+    assert record.data == data
+  else:
+    assert record.data == data or len(record.data) == 16
+    whole = decode_record(record._replace(data=data), [(32, 32)])
+    read = decode_record(record, [(32, 32)])
+    assert (read.stage, read.message) == (whole.stage, whole.message)
+
+
+def test_a_large_file_that_is_no_image_is_not_read_in_full(tmp_path):
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  from transforms.decode import decode_record  # pylint: disable=import-outside-toplevel
+  from transforms.read import read_image_file  # pylint: disable=import-outside-toplevel
+  video = tmp_path / 'clip.mov'
+  with open(video, 'wb') as handle:  # a QuickTime header, then 2 GB (sparse on disk)
+    handle.write(b'\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00')
+    handle.truncate(2 * 2**30)
+  tracemalloc.start()
+  try:
+    record = read_image_file(str(video), str(tmp_path) + '/')
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 2**20
+  failure = decode_record(record, [(32, 32)])
+  assert (failure.stage, failure.message) == ('decode', 'unsupported or unrecognized image format')

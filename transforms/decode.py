@@ -32,6 +32,9 @@ _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
 # used decoders are attack surface that photo collections do not need.
 DECODABLE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF', 'WEBP', 'AVIF', 'PPM')
 
+# Pillow chooses a file's format from its first 16 bytes (Image.open reads no more for it).
+IDENTIFYING_BYTES = 16
+
 # Recorded in the manifest, so a query embeds its images exactly as the run did.
 PREPROCESSING = {
     'decoder': 'Pillow',
@@ -54,6 +57,19 @@ def max_pixels_of_run(manifest):
   """The pixel limit a finished run decoded with (runs made before the limit was
   recorded used the default)."""
   return manifest.get('preprocessing', {}).get('max_image_pixels', MAX_IMAGE_PIXELS)
+
+
+def may_be_decodable(prefix):
+  """Whether a file beginning with these IDENTIFYING_BYTES may be an image of a format
+  this stage decodes. When not, decoding the prefix alone fails exactly as decoding the
+  whole file would: Pillow finds no format that accepts it."""
+  Image.init()
+  for name in DECODABLE_FORMATS:
+    if name in Image.OPEN:
+      accept = Image.OPEN[name][1]
+      if accept is None or accept(prefix):
+        return True
+  return False
 
 
 class ImageDecodeError(ValueError):

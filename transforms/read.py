@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from schemas.records import FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord
+from transforms.decode import IDENTIFYING_BYTES, may_be_decodable
 from transforms.failures import route_failures
 from transforms.metrics import INPUT_FILES_READ, RunMetrics
 
@@ -267,12 +268,28 @@ def chunk_weight(metadata):
   return max(1, -(-size // BYTES_PER_CHUNK_UNIT))
 
 
+def _read_up_to(handle, size):
+  """The first `size` bytes of a stream (fewer at its end), even from a stream whose
+  reads may return less than asked."""
+  data = b''
+  while len(data) < size:
+    more = handle.read(size - len(data))
+    if not more:
+      break
+    data += more
+  return data
+
+
 def read_image_file(path, root):
   """One image file -> ImageRecord; any failure -> FailureRecord (stage read)."""
   key = relative_key(path, root)
   try:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      data = f.read()
+      data = _read_up_to(f, IDENTIFYING_BYTES)
+      # A video, a document or a sidecar file under an input folder fails to decode on
+      # its first bytes alone, with the same reason: a 2 GB video is not read for that.
+      if may_be_decodable(data):
+        data += f.read()
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(key, path, STAGE_READ, e)
   return ImageRecord(key=key, uri=path, data=data, label=folder_label(key))
