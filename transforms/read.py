@@ -289,7 +289,11 @@ def read_image_file(path, root):
       # A video, a document or a sidecar file under an input folder fails to decode on
       # its first bytes alone, with the same reason: a 2 GB video is not read for that.
       if may_be_decodable(data):
-        data += f.read()
+        if f.seekable():  # a big scan is not held twice while the two are joined
+          f.seek(0)
+          data = f.read()
+        else:
+          data += f.read()
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(key, path, STAGE_READ, e)
   return ImageRecord(key=key, uri=path, data=data, label=folder_label(key))
