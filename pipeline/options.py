@@ -13,8 +13,8 @@ from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
                              resume_state)
-from pipeline.runners import (RunnerUsageError, with_dry_run, with_local_defaults,
-                              with_project_shipped)
+from pipeline.runners import (RunnerUsageError, check_cloud_storage_locations, with_dry_run,
+                              with_local_defaults, with_project_shipped)
 from schemas import outputs
 from transforms.decode import MAX_IMAGE_PIXELS
 from transforms.embed import DEFAULT_BATCH_SIZE
@@ -373,6 +373,7 @@ def parse_command_line(argv):
   args, beam_args = parser.parse_known_args(argv)
   try:
     check_beam_args(beam_args, parser)
+    check_cloud_storage_locations(beam_args)
     beam_args = with_project_shipped(beam_args)
     if args.dry_run:
       beam_args = with_dry_run(beam_args)

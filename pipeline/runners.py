@@ -226,6 +226,27 @@ def with_project_shipped(beam_args, setup_file=PROJECT_SETUP_FILE):
   return list(beam_args) + ['--setup_file=' + setup_file]
 
 
+def check_cloud_storage_locations(beam_args):
+  """For a Dataflow job: a --temp_location or --staging_location given must be a valid
+  gs:// path. Beam would only warn, then fall back to creating a bucket of its own (over
+  the network, minutes of retries where there is none) instead of the one the user named."""
+  if runner_name(beam_args) != 'dataflow':
+    return
+  from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=import-outside-toplevel
+  from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator  # pylint: disable=import-outside-toplevel
+  options = PipelineOptions(beam_args)
+  validator = PipelineOptionsValidator(options, None)
+  view = options.view_as(GoogleCloudOptions)
+  for name in ('temp_location', 'staging_location'):
+    value = getattr(view, name)
+    errors = validator.validate_gcs_path(view, name) if value is not None else []
+    if errors:
+      raise RunnerUsageError(
+          '--%s %s is not a Cloud Storage path Dataflow can use: gs://BUCKET/FOLDER, where '
+          'BUCKET is 3 to 63 lowercase letters, digits, dashes, underscores or dots, '
+          'beginning and ending with a letter or digit' % (name, value))
+
+
 def with_dry_run(beam_args):
   """beam_args with Beam's dry-run switch, which only the DataflowRunner honours: any
   other runner would quietly run the whole job."""

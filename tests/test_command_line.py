@@ -121,6 +121,22 @@ def test_output_named_with_glob_characters(one_photo, capsys):
   assert not (one_photo / 'out [v1]').exists()
 
 
+@pytest.mark.parametrize('flag,value', [('--temp_location', 'gs://b/tmp'),
+                                        ('--temp_location', 'gs://My_Bucket/tmp'),
+                                        ('--staging_location', '/tmp/staging')])
+def test_dataflow_scratch_location_that_is_no_cloud_storage_path(one_photo, capsys, flag,
+                                                                 value):
+  # Beam only warns, then tries to create a default bucket of its own: two minutes of
+  # retries on a machine without network, instead of the bucket the user named.
+  status, lines = run_in_process(
+      ['--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
+       '--runner', 'DataflowRunner', '--project', 'my-project', '--region', 'europe-west4',
+       '--temp_location', 'gs://my-bucket/tmp', flag, value, '--dry_run', '--no_auth'], capsys)
+  assert status == 2 and len(lines) == 1
+  assert lines[0].startswith('run_pipeline.py: error: %s %s is not a Cloud Storage path '
+                             'Dataflow can use: gs://BUCKET/FOLDER' % (flag, value)), lines
+
+
 def test_help_lists_our_flags_with_default_and_example(capsys):
   from pipeline.options import build_parser  # pylint: disable=import-outside-toplevel
   parser = build_parser()
