@@ -151,10 +151,11 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                 else decoded.decoded)
     embedded = to_embed | 'Embed[%s]' % spec.name >> EmbedImages(
         spec, config.batch_size, config.intra_op_threads)
-    # Each part names the model that wrote it, with its response to a fixed picture.
+    # Each part names the model that wrote it, with its response to a fixed picture,
+    # and the folder its keys are relative to (which a resumed run keeps).
     written = embedded['embeddings'] | 'WriteEmbeddings[%s]' % spec.name >> WriteEmbeddings(
         config.out_dir, spec.name, spec.dim, run_tag,
-        dict(model_record(spec), response=list(spec.response or ())))
+        dict(model_record(spec), response=list(spec.response or ()), keys_root=config.root))
     if completed:
       # The index covers the earlier attempts' parts too.
       earlier = pipeline | 'EarlierParts[%s]' % spec.name >> beam.Create(

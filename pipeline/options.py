@@ -12,7 +12,7 @@ from pipeline.graph import IndexOnlyConfig, JobConfig
 from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
-                             resume_state)
+                             resume_state, resumed_keys_root)
 from pipeline.runners import (RunnerUsageError, check_cloud_storage_locations, with_dry_run,
                               with_local_defaults, with_project_shipped)
 from schemas import outputs
@@ -350,12 +350,13 @@ def make_config(args, probe_in_subprocess=False):
     raise UsageError(str(e)) from e
   try:
     resume = resume_state(out_dir, specs) if args.resume else None
+    root = resumed_keys_root(resume, common_root(patterns), patterns, args.input)
   except OutputDirError as e:
     raise UsageError(str(e)) from e
   _check_index_type(args, [spec.dim for spec in specs])
   return JobConfig(
       patterns=tuple(patterns), input_format=args.input_format,
-      root=common_root(patterns), out_dir=out_dir, models=tuple(specs),
+      root=root, out_dir=out_dir, models=tuple(specs),
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
       max_image_pixels=args.max_image_pixels,
       options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),

@@ -4,7 +4,7 @@ import glob
 import os
 import socket
 import uuid
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.runners import process_stat_field
 from schemas import outputs
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
+from transforms.read import literal_folder
 
 
 class OutputDirError(ValueError):
@@ -23,6 +24,8 @@ class ResumeState(NamedTuple):
   run_tag: str  # names this attempt's part files, so they never collide with earlier ones
   # (model name, path) of every completed embedding part, listed before this run writes
   completed_parts: Tuple[Tuple[str, str], ...] = ()
+  # The folder the completed parts' keys are relative to (None: no part records one)
+  keys_root: Optional[str] = None
 
 
 def _glob_paths(pattern):
@@ -93,11 +96,12 @@ def delete_paths(paths):
 
 
 def completed_parts(out_dir, model_specs):
-  """(model name, path) of every completed embedding part of the given models. A part
-  exists under its final name only once it is complete (the sink renames it there).
-  Raises OutputDirError when a part was written by another model than the one of that
-  name now (another dimension, or other weights: mixed vectors are meaningless)."""
-  parts = []
+  """((model name, path) of every completed embedding part of the given models, the
+  set of folders their keys are relative to). A part exists under its final name only
+  once it is complete (the sink renames it there). Raises OutputDirError when a part was
+  written by another model than the one of that name now (another dimension, or other
+  weights: mixed vectors are meaningless)."""
+  parts, keys_roots = [], set()
   for spec in model_specs:
     for path in outputs.matching_paths(outputs.embeddings_glob(out_dir, spec.name)):
       dim, made_by = outputs.parquet_embeddings_info(path)
@@ -113,7 +117,9 @@ def completed_parts(out_dir, model_specs):
             '--overwrite, or another --output' % (path, spec.name, spec.handle,
                                                   made_by.get('handle')))
       parts.append((spec.name, path))
-  return tuple(parts)
+      if made_by and made_by.get('keys_root') is not None:
+        keys_roots.add(made_by['keys_root'])
+  return tuple(parts), keys_roots
 
 
 def _process_start(pid):
@@ -203,8 +209,34 @@ def check_output_dir(out_dir, resume=False, overwrite=False):
 
 def resume_state(out_dir, model_specs):
   """A new ResumeState: this attempt's tag and the completed parts found at launch."""
-  return ResumeState(run_tag='r' + uuid.uuid4().hex[:12],
-                     completed_parts=completed_parts(out_dir, model_specs))
+  parts, keys_roots = completed_parts(out_dir, model_specs)
+  # Parts of attempts made before parts recorded their folder record none.
+  return ResumeState(run_tag='r' + uuid.uuid4().hex[:12], completed_parts=parts,
+                     keys_root=keys_roots.pop() if len(keys_roots) == 1 else None)
+
+
+def resumed_keys_root(state, root, patterns, given=None):
+  """The folder a resumed run's keys are relative to. Narrower inputs than the earlier
+  attempts' keep the earlier folder, so that an image keeps its key (2019/a.jpg, not
+  a.jpg). Wider ones (an --input beside the first folder) raise OutputDirError: the
+  images already embedded would be embedded again under a second key. Inputs moved
+  elsewhere (the same tree on another disk or in a bucket) are keyed below their new
+  folder, as any run's. given: the --input values as typed, for the message."""
+  earlier = state.keys_root if state else None
+  if earlier is None or root == earlier or not (
+      root.startswith(earlier) or earlier.startswith(root)):
+    return root
+  if root.startswith(earlier):
+    return earlier
+  # A wider common folder comes from an input outside the earlier one.
+  outside = [typed for pattern, typed in zip(patterns, given or patterns)
+             if not literal_folder(pattern).startswith(earlier)]
+  raise OutputDirError(
+      'cannot resume: the keys of the images already embedded are their paths below '
+      '%s, and --input %s lies outside it (its images could not be keyed the same way, '
+      'and each earlier image would be embedded again under a second key); resume with '
+      'inputs below %s, or run all the inputs into a new --output'
+      % (earlier, outside[0] if outside else root, earlier))
 
 
 def prepare_output_dir(out_dir, resume_state, overwrite=False):

@@ -397,3 +397,48 @@ def test_an_index_type_too_big_for_the_run_fails_with_one_short_line(tmp_path, i
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['counts']['models']['v1']['resumed'] == IMAGES
   assert manifest['counts']['reconciled']
+
+
+def _keys(out, model):
+  table = pq.read_table([str(p) for p in (out / model / 'embeddings').glob('part-*.parquet')])
+  return sorted(table.column('key').to_pylist())
+
+
+def test_a_resumed_run_keeps_the_earlier_keys_or_refuses(tmp_path, test_models, capsys):
+  library = tmp_path / 'library'
+  write_images(library / '2019', 0, 3)
+  write_images(library / '2020', 3, 2)
+
+  def run(out, *folders, resume=()):
+    run_pipeline.main([arg for folder in folders for arg in ('--input', str(library / folder))]
+                      + ['--output', str(out), '--model', 'v1=' + test_models['v1_tf1'],
+                         '--no_report', *IN_PROCESS, *resume])
+
+  # Keys are relative to the inputs' common folder. A narrower --input on resume would
+  # have keyed the same images anew (0000.jpg instead of 2019/0000.jpg), and embedded
+  # them a second time.
+  whole = tmp_path / 'whole'
+  run(whole, '')
+  run(whole, '2019', resume=['--resume'])
+  assert _keys(whole, 'v1') == ['2019/%04d.jpg' % n for n in range(3)] + [
+      '2020/%04d.jpg' % n for n in (3, 4)]
+  manifest = json.loads((whole / 'manifest.json').read_text())
+  assert manifest['input']['root'] == str(library) + '/'
+  assert manifest['counts']['models']['v1']['resumed'] == 3
+
+  # An input beside the first folder cannot be keyed below it: refused before any work.
+  one_year = tmp_path / 'one_year'
+  run(one_year, '2019')
+  before = sorted(p.name for p in one_year.rglob('*'))
+  with pytest.raises(SystemExit) as exit_info:
+    run(one_year, '2019', '2020', resume=['--resume'])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert error == (
+      'run_pipeline.py: error: cannot resume: the keys of the images already embedded are '
+      'their paths below %s/, and --input %s lies outside it (its images could not be '
+      'keyed the same way, and each earlier image would be embedded again under a second '
+      'key); resume with inputs below %s/, or run all the inputs into a new --output'
+      % (library / '2019', library / '2020', library / '2019'))
+  assert sorted(p.name for p in one_year.rglob('*')) == before
+  assert _keys(one_year, 'v1') == ['%04d.jpg' % n for n in range(3)]
