@@ -43,11 +43,15 @@ def output_path(out_dir, *parts):
   return FileSystems.join(out_dir.rstrip('/'), *parts)
 
 
+# Beam's glob characters (its translate_pattern knows no braces).
+GLOB_CHARS = re.compile(r'[*?\[]')
+
+
 def glob_characters_refusal(out_dir):
   """Why an output folder named with glob characters cannot be used, or None. Its files
   are found by pattern (by Beam's file sink too, which then cannot find the parts it
   wrote), where '[', '*' and '?' would be read as wildcards."""
-  held = sorted(set(re.findall(r'[*?\[]', out_dir)))
+  held = sorted(set(GLOB_CHARS.findall(out_dir)))
   if not held:
     return None
   return ('%s: an output folder whose name holds %s cannot be used (its files are found by '

@@ -15,6 +15,7 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
+from schemas.outputs import GLOB_CHARS
 from schemas.records import FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord
 from transforms.decode import IDENTIFYING_BYTES, may_be_decodable
 from transforms.failures import route_failures
@@ -25,9 +26,8 @@ TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrec', '.tfrecord.gz', '.tfre
 WEBDATASET_SUFFIXES = ('.tar',)
 WEBDATASET_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 
-# Beam's glob characters (its translate_pattern knows no braces). It has no quoting, but a
-# one-character class quotes: '[[]' matches '[', '[*]' a '*', '[?]' a '?'.
-_GLOB_CHARS = re.compile(r'[*?\[]')
+# Beam's glob has no quoting, but a one-character class quotes: '[[]' matches '[', '[*]'
+# a '*', '[?]' a '?'.
 _QUOTED_OR_GLOB = re.compile(r'\[([*?\[])\]|[*?\[]')
 _FOLDER_GLOBSTAR = '/**/'
 
@@ -62,7 +62,7 @@ def is_glob(pattern):
 
 def quote_glob(path):
   """A path -> the pattern that matches exactly it, whatever characters its names hold."""
-  return _GLOB_CHARS.sub(lambda match: '[%s]' % match.group(0), path)
+  return GLOB_CHARS.sub(lambda match: '[%s]' % match.group(0), path)
 
 
 def unquote_glob(literal):
@@ -160,7 +160,7 @@ def iter_matches(pattern, limit=None, excluded=None):
     if metadata is not None and wanted(metadata.path):
       yield metadata
     return
-  if remote and not _GLOB_CHARS.search(pattern):
+  if remote and not GLOB_CHARS.search(pattern):
     yield from (metadata for metadata in FileSystems.match([pattern])[0].metadata_list
                 if wanted(metadata.path))
     return
