@@ -260,7 +260,9 @@ def main(argv=None):
   try:
     value, model_name = run_command(args)
   except QueryError as e:
-    parser.error(str(e))
+    # One line, as run_pipeline.py's: the flags parsed, the usage would only bury it.
+    print('%s: error: %s' % (parser.prog, e), file=sys.stderr)
+    sys.exit(2)
   text = render(args, value, model_name)
   if args.out:
     outputs.write_bytes_atomically(args.out, text.encode('utf-8'), mime_type=(

@@ -59,8 +59,9 @@ def test_a_run_folder_renamed_with_brackets_is_one_line(query_run, tmp_path, cap
   with pytest.raises(SystemExit) as exit_info:
     query_index.main(['--run', str(renamed), '--key', 'dogs/001.jpg'])
   assert exit_info.value.code == 2
-  error = capsys.readouterr().err.strip().splitlines()[-1]
-  assert error.startswith('query_index.py: error: --run ') and "holds '[' cannot be used" in error
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1
+  assert error[0].startswith('query_index.py: error: --run ') and "holds '['" in error[0]
 
 
 def test_html_page_shows_queries_beside_neighbours(query_run, tmp_path):
