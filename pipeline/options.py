@@ -188,13 +188,17 @@ def check_beam_args(beam_args, our_parser):
       raise UsageError('--runner %s: %s' % (known.runner, e)) from e
 
 
+def _check_output_name(out_dir):
+  refusal = outputs.glob_characters_refusal(out_dir)
+  if refusal:
+    raise UsageError('--output ' + refusal)
+
+
 def check_output(out_dir):
   """A local --output must be (or become) a directory this user can write to. Remote
   outputs (gs://) are checked by the first write, since probing one needs credentials
   that a dry run does not have."""
-  refusal = outputs.glob_characters_refusal(out_dir)
-  if refusal:
-    raise UsageError('--output ' + refusal)
+  _check_output_name(out_dir)
   if '://' in out_dir:
     return
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -262,9 +266,7 @@ def make_index_only_config(args):
     raise UsageError('--index_only rebuilds the indexes of --output; it takes no --input')
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
-  refusal = outputs.glob_characters_refusal(out_dir)
-  if refusal:
-    raise UsageError('--output ' + refusal)
+  _check_output_name(out_dir)
   try:
     check_not_being_written(out_dir)
   except OutputDirError as e:

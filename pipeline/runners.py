@@ -230,11 +230,11 @@ def check_cloud_storage_locations(beam_args):
   """For a Dataflow job: a --temp_location or --staging_location given must be a valid
   gs:// path. Beam would only warn, then fall back to creating a bucket of its own (over
   the network, minutes of retries where there is none) instead of the one the user named."""
-  if runner_name(beam_args) != 'dataflow':
+  options = PipelineOptions(beam_args)
+  if runner_name_of(options) != 'dataflow':
     return
   from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=import-outside-toplevel
   from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator  # pylint: disable=import-outside-toplevel
-  options = PipelineOptions(beam_args)
   validator = PipelineOptionsValidator(options, None)
   view = options.view_as(GoogleCloudOptions)
   for name in ('temp_location', 'staging_location'):

@@ -99,7 +99,8 @@ def part_has_tag(path, run_tag):
 
 # Schema metadata of an embeddings part: JSON of the model that wrote it (name, handle,
 # tensor, format, input size, dimension, and its response to a fixed picture), so that
-# a resume or a query can tell whether the model it loads now is the same one.
+# a resume or a query can tell whether the model it loads now is the same one, and of the
+# folder its keys are relative to (keys_root), which a resumed run keeps.
 MODEL_METADATA_KEY = b'beam_image_embeddings.model'
 
 
