@@ -51,8 +51,9 @@ def manifest_counts(facts, model_names):
     failed = read_failed + decode_failed + facts['embed_failed/' + name]
     models[name] = {'embedded': embedded, 'failed': failed,
                     'embed_failed': facts['embed_failed/' + name]}
-    if 'resumed/' + name in facts:
-      models[name]['resumed'] = facts['resumed/' + name]
+    for found in ('resumed', 'changed'):
+      if '%s/%s' % (found, name) in facts:
+        models[name][found] = facts['%s/%s' % (found, name)]
   return {
       'read': read, 'read_failed': read_failed, 'decode_failed': decode_failed,
       'models': models,
@@ -134,7 +135,7 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   run_tag = config.resume.run_tag if config.resume else None
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
                             ) if config.resume else None
-  images = completed.skip_decoding(read.images) if completed else read.images
+  images = completed.skip_completed(read.images) if completed else read.images
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models], config.max_image_pixels)
 
@@ -158,11 +159,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
         dict(model_record(spec), response=list(spec.response or ()), keys_root=config.root))
     if completed:
       # The index covers the earlier attempts' parts too.
-      earlier = pipeline | 'EarlierParts[%s]' % spec.name >> beam.Create(
-          [path for name, path in config.resume.completed_parts if name == spec.name])
-      written = (written, earlier) | 'AllParts[%s]' % spec.name >> beam.Flatten()
-      facts.append(_count(completed.already_embedded(read.images, spec.name),
-                          'resumed/' + spec.name, spec.name + ' resumed'))
+      written = ((written, completed.earlier_parts(spec.name))
+                 | 'AllParts[%s]' % spec.name >> beam.Flatten())
     index_infos.append(
         written
         | 'BuildIndex[%s]' % spec.name >> BuildIndex(config.out_dir, spec.name,
@@ -176,6 +174,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                         run_metrics.failure_counts(run_metrics.embed_failed_metric(spec.name)),
                         spec.name + ' failures'))
 
+  if completed:
+    facts.append(completed.found_counts())
   all_failures = failures | 'AllFailures' >> beam.Flatten()
   failure_files = all_failures | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag)
   failure_reasons = all_failures | 'FailureReasons' >> beam.CombineGlobally(FailureReasons())

@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.runners import process_stat_field
 from schemas import outputs
+from schemas.records import content_sha256
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
 from transforms.read import literal_folder
 
@@ -199,7 +200,7 @@ def check_output_dir(out_dir, resume=False, overwrite=False):
     return
   if FileSystems.exists(outputs.output_path(out_dir, outputs.MANIFEST_FILE)):
     raise OutputDirError(
-        '--output %s holds a completed run; pass --resume to embed only new inputs '
+        '--output %s holds a completed run; pass --resume to embed only new and changed inputs '
         '(and retry its failures) or --overwrite to replace it' % out_dir)
   if run_outputs(out_dir):
     raise OutputDirError(
@@ -258,14 +259,23 @@ def earlier_failure_files(out_dir, run_tag):
           if not outputs.part_has_tag(path, run_tag)]
 
 
+# What a resumed run finds for an input and a model with a row of its key: the row was
+# made from the same bytes (the input is counted as embedded, not embedded again), or
+# from other ones (the file changed since: it is embedded again and the old row goes).
+RESUMED = 'resumed'
+CHANGED = 'changed'
+FOUND_TAG = 'found'
+
+
 def _completed_keys(model_and_path):
   model, path = model_and_path
-  table = outputs.read_parquet([path], columns=['key'])
-  return [(key, model) for key in table.column('key').to_pylist()]
+  table = outputs.read_parquet([path], columns=['key', 'sha256'])
+  return [(key, (model, sha256)) for key, sha256 in zip(table.column('key').to_pylist(),
+                                                         table.column('sha256').to_pylist())]
 
 
 class CompletedKeys(beam.PTransform):
-  """(model, path) of completed parts -> (key, model) for every key they hold."""
+  """(model, path) of completed parts -> (key, (model, sha256)) for every row they hold."""
 
   def __init__(self, parts):
     super().__init__()
@@ -277,40 +287,85 @@ class CompletedKeys(beam.PTransform):
             | 'Keys' >> beam.FlatMap(_completed_keys))
 
 
-def models_done(key, done):
-  """The models that already embedded `key`, from the AsMultiMap side input (a lookup
-  per key on runners that cannot hold all keys in memory; [] for unknown keys)."""
-  return set(done[key])
+def found_rows(key, done):
+  """(model, sha256) of the completed rows of `key`, from the AsMultiMap side input (a
+  lookup per key on runners that cannot hold all keys in memory; [] for unknown keys)."""
+  return done[key]
 
 
-def needs_work(record, model_names, done):
-  return not set(model_names) <= models_done(record.key, done)
+def sort_completed(record, model_names, done):
+  """ImageRecord -> the record itself when some model still has to embed it, and
+  (RESUMED or CHANGED, model, key) tagged FOUND_TAG for every model with a row of its
+  key. Only inputs found embedded are hashed."""
+  found = found_rows(record.key, done)
+  current = content_sha256(record.data) if found else None
+  up_to_date = set()
+  for model, sha256 in found:
+    status = RESUMED if sha256 == current else CHANGED
+    if status == RESUMED:
+      up_to_date.add(model)
+    yield beam.pvalue.TaggedOutput(FOUND_TAG, (status, model, record.key))
+  if not set(model_names) <= up_to_date:
+    yield record
 
 
-def done_for(record, model_name, done):
-  return model_name in models_done(record.key, done)
+def embedded_already(image, model_name, done):
+  """Whether a DecodedImage has a row of `model_name` made from the same bytes."""
+  return (model_name, image.sha256) in found_rows(image.key, done)
+
+
+def drop_changed_rows(path, changed_keys):
+  """Removes from an earlier attempt's part the rows of inputs that changed since (they
+  are embedded again by this run); returns the part's path."""
+  if changed_keys:
+    outputs.drop_rows_with_keys(path, changed_keys)
+  return path
 
 
 class CompletedWork:
-  """What a resumed run skips, around the graph's read -> decode -> embed, from the keys
-  of the completed parts (a side input: {key: [model, ...]})."""
+  """What a resumed run skips or replaces, around the graph's read -> decode -> embed,
+  from the rows of the completed parts (a side input: {key: [(model, sha256), ...]})."""
 
   def __init__(self, pipeline, state: ResumeState, model_names):
+    self._pipeline = pipeline
+    self._state = state
     self._model_names = tuple(model_names)
     self._done = beam.pvalue.AsMultiMap(
         pipeline | 'CompletedKeys' >> CompletedKeys(state.completed_parts))
+    self._found = None
 
-  def skip_decoding(self, images):
-    """ImageRecords -> those some model still needs (the rest need no decoding)."""
-    return images | 'SkipCompleted' >> beam.Filter(needs_work, self._model_names, self._done)
+  def skip_completed(self, images):
+    """ImageRecords -> those some model still needs: new inputs, failed ones, and inputs
+    whose file changed since it was embedded (the rest need no decoding)."""
+    sorted_images = images | 'SkipCompleted' >> beam.FlatMap(
+        sort_completed, self._model_names, self._done).with_outputs(FOUND_TAG, main='images')
+    self._found = sorted_images[FOUND_TAG]
+    return sorted_images.images
 
   def embed_input(self, decoded, model_name):
-    """DecodedImages -> those the model has no embedding of yet."""
+    """DecodedImages -> those the model has no up-to-date embedding of."""
     return decoded | 'NotYetEmbedded[%s]' % model_name >> beam.Filter(
-        lambda record, done: not done_for(record, model_name, done), self._done)
+        lambda image, done: not embedded_already(image, model_name, done), self._done)
 
-  def already_embedded(self, images, model_name):
-    """ImageRecords -> those the model embedded earlier; they count as embedded, so
-    that read = embedded + failed holds over the whole output."""
-    return images | 'AlreadyEmbedded[%s]' % model_name >> beam.Filter(
-        done_for, model_name, self._done)
+  def found_counts(self):
+    """(fact, count) for every model: 'resumed/<model>', inputs found embedded from the
+    same bytes (they count as embedded, so that read = embedded + failed holds over the
+    whole output), and 'changed/<model>', inputs embedded from other bytes."""
+    zeros = [('%s/%s' % (status, name), 0) for status in (RESUMED, CHANGED)
+             for name in self._model_names]
+    found = self._found | 'FoundFacts' >> beam.Map(
+        lambda status_model_key: ('%s/%s' % status_model_key[:2], 1))
+    return ((found, self._pipeline | 'NothingFound' >> beam.Create(zeros))
+            | 'AllFound' >> beam.Flatten()
+            | 'CountFound' >> beam.CombinePerKey(sum))
+
+  def earlier_parts(self, model_name):
+    """Paths of the earlier attempts' completed parts of a model, once the rows of inputs
+    that changed since are gone from them."""
+    changed = self._found | 'Changed[%s]' % model_name >> beam.FlatMap(
+        lambda found: [found[2]] if found[:2] == (CHANGED, model_name) else [])
+    return (self._pipeline
+            | 'EarlierParts[%s]' % model_name >> beam.Create(
+                [path for name, path in self._state.completed_parts if name == model_name])
+            | 'DropChanged[%s]' % model_name >> beam.Map(drop_changed_rows,
+                                                         beam.pvalue.AsList(changed)))

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from apache_beam.io.filesystems import FileSystems
@@ -210,6 +211,31 @@ def read_parquet(paths, columns=None, filters=None):
     with FileSystems.open(path) as f:
       tables.append(pq.read_table(f, columns=columns, filters=filters))
   return pa.concat_tables(tables) if tables else None
+
+
+def drop_rows_with_keys(path, keys):
+  """Rewrites a Parquet file without its rows whose key is one of `keys`, a row group at
+  a time, with its schema and metadata; the new file replaces the old in one step, so a
+  reader sees all the old rows or all the new ones. Returns how many rows went (the file
+  is left alone when none)."""
+  keys = pa.array(sorted(set(keys)), pa.string())
+  with FileSystems.open(path) as f:
+    dropped = pc.sum(pc.is_in(pq.read_table(f, columns=['key']).column('key'),
+                              value_set=keys)).as_py() or 0
+  if not dropped:
+    return 0
+
+  def write(target):
+    with FileSystems.open(path) as source:
+      parquet = pq.ParquetFile(source)
+      with pq.ParquetWriter(target, parquet.schema_arrow) as writer:
+        for group in range(parquet.num_row_groups):
+          table = parquet.read_row_group(group)
+          writer.write_table(table.filter(pc.invert(pc.is_in(table.column('key'),
+                                                             value_set=keys))))
+
+  write_atomically(path, write)
+  return dropped
 
 
 def parquet_embeddings_info(path):

@@ -1,5 +1,6 @@
 """Typed records that flow between the pipeline's stages."""
 
+import hashlib
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -28,10 +29,16 @@ class DecodedImage(NamedTuple):
   uri: str
   width: int  # of the original image, after EXIF orientation
   height: int
-  sha256: str  # of the encoded bytes
+  sha256: str  # content_sha256 of the encoded bytes
   pixels: dict  # (height, width) -> uint8 array of shape (height, width, 3)
   label: Optional[str] = None
   metadata: Optional[str] = None
+
+
+def content_sha256(data):
+  """The sha256 column of an embedding row: hex SHA-256 of the image's encoded bytes, by
+  which a resumed run tells an input changed since it was embedded."""
+  return hashlib.sha256(data).hexdigest()
 
 
 class Embedding(NamedTuple):

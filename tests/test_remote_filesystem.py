@@ -133,3 +133,32 @@ def test_output_dir_checks_see_the_same_run_on_mem_and_local_disk(tmp_path):
   assert found[str(tmp_path / 'out')] == [
       '/manifest.json', '/failures', '/m', '/m/embeddings/beam-temp-part-1234',
       '/m/index_info.json.tmp-writing']
+
+
+def test_dropping_rows_of_changed_inputs_keeps_the_part_on_mem_and_local_disk(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  record = {'name': 'm', 'keys_root': '/photos/'}
+  schema = outputs.embeddings_schema(4, record)
+  keys = ['k%02d' % n for n in range(10)]
+  table = pa.Table.from_pydict({
+      'key': keys, 'uri': ['/photos/' + k for k in keys], 'model': ['m'] * 10,
+      'embedding': pa.FixedSizeListArray.from_arrays(
+          pa.array(np.arange(40, dtype=np.float32)), 4),
+      'width': [1] * 10, 'height': [1] * 10, 'sha256': ['0' * 64] * 10,
+      'label': [None] * 10, 'metadata': [None] * 10}, schema=schema)
+  for path in (str(tmp_path / 'part.parquet'), memory_filesystem.PREFIX + 'drop/part.parquet'):
+    outputs.write_parquet(path, table, row_group_size=3)
+    with FileSystems.open(path) as f:
+      before = f.read()
+
+    assert outputs.drop_rows_with_keys(path, ['elsewhere']) == 0
+    with FileSystems.open(path) as f:
+      assert f.read() == before  # not rewritten
+
+    assert outputs.drop_rows_with_keys(path, ['k01', 'k05', 'k06', 'elsewhere']) == 3
+    assert outputs.parquet_embeddings_info(path) == (4, record)
+    got = outputs.read_parquet([path])
+    assert got.column('key').to_pylist() == [k for k in keys if k not in ('k01', 'k05', 'k06')]
+    assert got.column('embedding').to_pylist()[1] == [8.0, 9.0, 10.0, 11.0]  # k02's
+    assert outputs.matching_paths(path + '*') == [path]  # no temporary left

@@ -161,10 +161,46 @@ def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inpu
     rows = embeddings(out, model)
     assert sorted(rows) == sorted(list(old) + ['%04d.jpg' % n for n in range(IMAGES, IMAGES + 3)])
     assert counts['models'][model] == {'embedded': IMAGES + 3, 'failed': 1, 'embed_failed': 0,
-                                       'resumed': IMAGES}
+                                       'resumed': IMAGES, 'changed': 0}
   # The failed input was retried and failed again: one record, in this run's file.
   assert failure_keys(out) == [BAD_KEY]
   assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
+
+
+def test_resume_embeds_files_changed_since_again(tmp_path, uninterrupted, inputs,
+                                                 test_models):
+  edited = tmp_path / 'images'
+  shutil.copytree(inputs, edited)
+  # 0003.jpg now holds the picture of 0010.jpg, 0005.jpg was cut short; 0007.jpg was
+  # only touched (same bytes, a new time): it stays as it was.
+  (edited / '0003.jpg').write_bytes((inputs / '0010.jpg').read_bytes())
+  (edited / '0005.jpg').write_bytes((inputs / '0005.jpg').read_bytes()[:200])
+  os.utime(edited / '0007.jpg', (time.time() + 60, time.time() + 60))
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  earlier_parts = sorted(p.name for p in (out / 'v1' / 'embeddings').iterdir())
+
+  run_pipeline.main(job_args(edited, out, test_models, '--resume'))
+
+  counts = manifest_counts(out)
+  assert counts['read'] == IMAGES + 1 and counts['reconciled'] is True
+  for model in MODELS:
+    old, rows = embeddings(uninterrupted, model), embeddings(out, model)
+    assert sorted(rows) == sorted(set(old) - {'0005.jpg'})  # each key once, cut file gone
+    np.testing.assert_allclose(rows['0003.jpg'], old['0010.jpg'], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(rows['0003.jpg'], old['0003.jpg'], atol=1e-3)
+    for key in set(rows) - {'0003.jpg'}:
+      np.testing.assert_allclose(rows[key], old[key], rtol=1e-5, atol=1e-5)
+    sha256 = dict(zip(*pq.read_table(str(out / model / 'embeddings'),
+                                     columns=['key', 'sha256']).to_pydict().values()))
+    assert sha256['0003.jpg'] == sha256['0010.jpg']
+    ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
+    assert ids == sorted(rows)
+    assert counts['models'][model] == {'embedded': IMAGES - 1, 'failed': 2, 'embed_failed': 0,
+                                       'resumed': IMAGES - 2, 'changed': 2}
+  assert failure_keys(out) == ['0005.jpg', BAD_KEY]
+  # The earlier parts lost two rows in place; the re-embedded one is in this run's part.
+  assert set(earlier_parts) < {p.name for p in (out / 'v1' / 'embeddings').iterdir()}
 
 
 def test_resume_with_another_model_under_the_same_name_is_refused(

@@ -1,6 +1,5 @@
 """Decode stage: encoded bytes -> RGB uint8 pixels at every model input size, decoded once."""
 
-import hashlib
 import io
 import warnings
 
@@ -8,7 +7,8 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from schemas.records import FAILURES_TAG, STAGE_DECODE, DecodedImage, FailureRecord, ImageRecord
+from schemas.records import (FAILURES_TAG, STAGE_DECODE, DecodedImage, FailureRecord, ImageRecord,
+                             content_sha256)
 from transforms.failures import route_failures
 
 # By default, an image that would decode to more pixels than this is refused before its
@@ -173,7 +173,7 @@ def decode_record(record: ImageRecord, sizes, max_pixels=MAX_IMAGE_PIXELS):
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(record.key, record.uri, STAGE_DECODE, e)
   return DecodedImage(key=record.key, uri=record.uri, width=width, height=height,
-                      sha256=hashlib.sha256(record.data).hexdigest(), pixels=pixels,
+                      sha256=content_sha256(record.data), pixels=pixels,
                       label=record.label, metadata=record.metadata)
 
 
