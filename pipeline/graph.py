@@ -5,7 +5,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
-from pipeline.resume import CompletedWork, delete_paths, earlier_failure_files
+from pipeline.resume import (CHANGED, RESUMED, CompletedWork, delete_paths, earlier_failure_files,
+                             found_fact)
 from pipeline.versions import runtime_versions
 from schemas import outputs
 from schemas.outputs import utc_now
@@ -47,13 +48,13 @@ def manifest_counts(facts, model_names):
   models = {}
   for name in model_names:
     # A resumed run counts the inputs it found already embedded as embedded.
-    embedded = facts['embedded/' + name] + facts.get('resumed/' + name, 0)
+    embedded = facts['embedded/' + name] + facts.get(found_fact(RESUMED, name), 0)
     failed = read_failed + decode_failed + facts['embed_failed/' + name]
     models[name] = {'embedded': embedded, 'failed': failed,
                     'embed_failed': facts['embed_failed/' + name]}
-    for found in ('resumed', 'changed'):
-      if '%s/%s' % (found, name) in facts:
-        models[name][found] = facts['%s/%s' % (found, name)]
+    for status in (RESUMED, CHANGED):
+      if found_fact(status, name) in facts:
+        models[name][status] = facts[found_fact(status, name)]
   return {
       'read': read, 'read_failed': read_failed, 'decode_failed': decode_failed,
       'models': models,

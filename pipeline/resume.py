@@ -267,6 +267,11 @@ CHANGED = 'changed'
 FOUND_TAG = 'found'
 
 
+def found_fact(status, model_name):
+  """The manifest fact counting the inputs found with a status for a model."""
+  return '%s/%s' % (status, model_name)
+
+
 def _completed_keys(model_and_path):
   model, path = model_and_path
   table = outputs.read_parquet([path], columns=['key', 'sha256'])
@@ -351,10 +356,10 @@ class CompletedWork:
     """(fact, count) for every model: 'resumed/<model>', inputs found embedded from the
     same bytes (they count as embedded, so that read = embedded + failed holds over the
     whole output), and 'changed/<model>', inputs embedded from other bytes."""
-    zeros = [('%s/%s' % (status, name), 0) for status in (RESUMED, CHANGED)
+    zeros = [(found_fact(status, name), 0) for status in (RESUMED, CHANGED)
              for name in self._model_names]
     found = self._found | 'FoundFacts' >> beam.Map(
-        lambda status_model_key: ('%s/%s' % status_model_key[:2], 1))
+        lambda status_model_key: (found_fact(*status_model_key[:2]), 1))
     return ((found, self._pipeline | 'NothingFound' >> beam.Create(zeros))
             | 'AllFound' >> beam.Flatten()
             | 'CountFound' >> beam.CombinePerKey(sum))
