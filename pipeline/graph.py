@@ -5,8 +5,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
-from pipeline.resume import (CHANGED, RESUMED, CompletedWork, delete_paths, earlier_failure_files,
-                             found_fact)
+from pipeline.resume import (CHANGED, REMOVED, RESUMED, CompletedWork, delete_paths,
+                             earlier_failure_files, found_fact)
 from pipeline.versions import runtime_versions
 from schemas import outputs
 from schemas.outputs import utc_now
@@ -52,7 +52,7 @@ def manifest_counts(facts, model_names):
     failed = read_failed + decode_failed + facts['embed_failed/' + name]
     models[name] = {'embedded': embedded, 'failed': failed,
                     'embed_failed': facts['embed_failed/' + name]}
-    for status in (RESUMED, CHANGED):
+    for status in (RESUMED, CHANGED, REMOVED):
       if found_fact(status, name) in facts:
         models[name][status] = facts[found_fact(status, name)]
   return {
@@ -134,8 +134,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
                                                config.root, metrics, config.spread_records,
                                                excluded=config.out_dir)
   run_tag = config.resume.run_tag if config.resume else None
-  completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models]
-                            ) if config.resume else None
+  completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models],
+                            config.patterns, config.root) if config.resume else None
   images = completed.skip_completed(read.images) if completed else read.images
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models], config.max_image_pixels)

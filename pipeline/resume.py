@@ -13,7 +13,7 @@ from pipeline.runners import process_stat_field
 from schemas import outputs
 from schemas.records import content_sha256
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
-from transforms.read import literal_folder
+from transforms.read import SourceMatcher, literal_folder
 
 
 class OutputDirError(ValueError):
@@ -262,8 +262,11 @@ def earlier_failure_files(out_dir, run_tag):
 # What a resumed run finds for an input and a model with a row of its key: the row was
 # made from the same bytes (the input is counted as embedded, not embedded again), or
 # from other ones (the file changed since: it is embedded again and the old row goes).
+# A row whose input the run's patterns cover but which was not read as an image (the
+# file was deleted, or can no longer be read) is removed.
 RESUMED = 'resumed'
 CHANGED = 'changed'
+REMOVED = 'removed'
 FOUND_TAG = 'found'
 
 
@@ -272,15 +275,16 @@ def found_fact(status, model_name):
   return '%s/%s' % (status, model_name)
 
 
-def _completed_keys(model_and_path):
+def _completed_rows(model_and_path):
   model, path = model_and_path
-  table = outputs.read_parquet([path], columns=['key', 'sha256'])
-  return [(key, (model, sha256)) for key, sha256 in zip(table.column('key').to_pylist(),
-                                                         table.column('sha256').to_pylist())]
+  table = outputs.read_parquet([path], columns=['key', 'sha256', 'uri'])
+  return [(key, (model, sha256, uri)) for key, sha256, uri in zip(
+      *(table.column(name).to_pylist() for name in ('key', 'sha256', 'uri')))]
 
 
-class CompletedKeys(beam.PTransform):
-  """(model, path) of completed parts -> (key, (model, sha256)) for every row they hold."""
+class CompletedRows(beam.PTransform):
+  """(model, path) of completed parts -> (key, (model, sha256, uri)) for every row they
+  hold."""
 
   def __init__(self, parts):
     super().__init__()
@@ -289,7 +293,7 @@ class CompletedKeys(beam.PTransform):
   def expand(self, pbegin):
     return (pbegin
             | 'Parts' >> beam.Create(self._parts)
-            | 'Keys' >> beam.FlatMap(_completed_keys))
+            | 'Rows' >> beam.FlatMap(_completed_rows))
 
 
 def found_rows(key, done):
@@ -314,16 +318,28 @@ def sort_completed(record, model_names, done):
     yield record
 
 
+def rows_of_inputs_gone(key_and_joined, covered_by_inputs, root):
+  """(key, {'rows': [(model, sha256, uri)], 'read': [...]}) -> (REMOVED, model, key) for
+  every earlier row of a key not read as an image this run, from an input the run's
+  patterns cover: where the row's uri points, or where its key is now (below root: the
+  inputs may have moved). Rows of inputs outside them (a narrower --input) stay."""
+  key, joined = key_and_joined
+  if joined['read']:
+    return []
+  return [(REMOVED, model, key) for model, _, uri in joined['rows']
+          if covered_by_inputs(uri) or covered_by_inputs(root + key)]
+
+
 def embedded_already(image, model_name, done):
   """Whether a DecodedImage has a row of `model_name` made from the same bytes."""
   return (model_name, image.sha256) in found_rows(image.key, done)
 
 
-def drop_changed_rows(path, changed_keys):
-  """Removes from an earlier attempt's part the rows of inputs that changed since (they
-  are embedded again by this run); returns the part's path."""
-  if changed_keys:
-    outputs.drop_rows_with_keys(path, changed_keys)
+def drop_stale_rows(path, stale_keys):
+  """Removes from an earlier attempt's part the rows of inputs that changed since (this
+  run embeds them again) or are gone; returns the part's path."""
+  if stale_keys:
+    outputs.drop_rows_with_keys(path, stale_keys)
   return path
 
 
@@ -331,12 +347,16 @@ class CompletedWork:
   """What a resumed run skips or replaces, around the graph's read -> decode -> embed,
   from the rows of the completed parts (a side input: {key: [(model, sha256), ...]})."""
 
-  def __init__(self, pipeline, state: ResumeState, model_names):
+  def __init__(self, pipeline, state: ResumeState, model_names, patterns, root):
+    """patterns, root: the run's inputs and the folder its keys are relative to."""
     self._pipeline = pipeline
     self._state = state
     self._model_names = tuple(model_names)
-    self._done = beam.pvalue.AsMultiMap(
-        pipeline | 'CompletedKeys' >> CompletedKeys(state.completed_parts))
+    self._patterns = tuple(patterns)
+    self._root = root
+    self._rows = pipeline | 'CompletedRows' >> CompletedRows(state.completed_parts)
+    self._done = beam.pvalue.AsMultiMap(self._rows | 'KeySha256' >> beam.Map(
+        lambda key_row: (key_row[0], key_row[1][:2])))
     self._found = None
 
   def skip_completed(self, images):
@@ -344,7 +364,12 @@ class CompletedWork:
     whose file changed since it was embedded (the rest need no decoding)."""
     sorted_images = images | 'SkipCompleted' >> beam.FlatMap(
         sort_completed, self._model_names, self._done).with_outputs(FOUND_TAG, main='images')
-    self._found = sorted_images[FOUND_TAG]
+    read_keys = images | 'ReadKeys' >> beam.Map(lambda record: (record.key, None))
+    gone = ({'rows': self._rows, 'read': read_keys}
+            | 'JoinReadKeys' >> beam.CoGroupByKey()
+            | 'RowsOfInputsGone' >> beam.FlatMap(rows_of_inputs_gone,
+                                                 SourceMatcher(self._patterns), self._root))
+    self._found = (sorted_images[FOUND_TAG], gone) | 'AllFound' >> beam.Flatten()
     return sorted_images.images
 
   def embed_input(self, decoded, model_name):
@@ -353,24 +378,24 @@ class CompletedWork:
         lambda image, done: not embedded_already(image, model_name, done), self._done)
 
   def found_counts(self):
-    """(fact, count) for every model: 'resumed/<model>', inputs found embedded from the
-    same bytes (they count as embedded, so that read = embedded + failed holds over the
-    whole output), and 'changed/<model>', inputs embedded from other bytes."""
-    zeros = [(found_fact(status, name), 0) for status in (RESUMED, CHANGED)
+    """(fact, count) for every model and status (RESUMED: inputs found embedded from the
+    same bytes, which count as embedded, so that read = embedded + failed holds over the
+    whole output; CHANGED: embedded from other bytes; REMOVED: rows of inputs gone)."""
+    zeros = [(found_fact(status, name), 0) for status in (RESUMED, CHANGED, REMOVED)
              for name in self._model_names]
     found = self._found | 'FoundFacts' >> beam.Map(
         lambda status_model_key: (found_fact(*status_model_key[:2]), 1))
     return ((found, self._pipeline | 'NothingFound' >> beam.Create(zeros))
-            | 'AllFound' >> beam.Flatten()
+            | 'AllFacts' >> beam.Flatten()
             | 'CountFound' >> beam.CombinePerKey(sum))
 
   def earlier_parts(self, model_name):
     """Paths of the earlier attempts' completed parts of a model, once the rows of inputs
-    that changed since are gone from them."""
-    changed = self._found | 'Changed[%s]' % model_name >> beam.FlatMap(
-        lambda found: [found[2]] if found[:2] == (CHANGED, model_name) else [])
+    that changed since or are gone are removed from them."""
+    stale = self._found | 'Stale[%s]' % model_name >> beam.FlatMap(
+        lambda found: [found[2]] if found[0] != RESUMED and found[1] == model_name else [])
     return (self._pipeline
             | 'EarlierParts[%s]' % model_name >> beam.Create(
                 [path for name, path in self._state.completed_parts if name == model_name])
-            | 'DropChanged[%s]' % model_name >> beam.Map(drop_changed_rows,
-                                                         beam.pvalue.AsList(changed)))
+            | 'DropStale[%s]' % model_name >> beam.Map(drop_stale_rows,
+                                                       beam.pvalue.AsList(stale)))

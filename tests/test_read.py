@@ -477,3 +477,17 @@ def test_a_bracket_pattern_matching_nothing_says_how_to_quote(tmp_path, capsys):
   error = capsys.readouterr().err.strip().splitlines()[-1]
   assert "matches no files ('[...]' in a pattern matches one of the characters" in error
   assert "write '[[]'" in error
+
+
+def test_source_matcher_covers_the_files_the_patterns_match_and_their_records():
+  matcher = read.SourceMatcher([
+      '/lib/photos [[]2019]/**',
+      '/lib/**/*.jpg', '/shards/train-*.tfrecord', '/lib/notes #1.png'])
+  covered = ['/lib/photos [2019]/a.png', '/lib/photos [2019]/sub/b.gif',
+             '/lib/x/y/c.jpg', '/lib/c.jpg',
+             '/lib/notes #1.png',  # a '#' in a file name
+             '/shards/train-00001.tfrecord#17',  # a record of a shard
+             '/lib/tars/a #2.jpg']
+  outside = ['/lib/photos [2018]/a.png', '/lib/x/c.png', '/lib/notes #2.png',
+             '/shards/test-00001.tfrecord#3', '/other/c.jpg']
+  assert [uri for uri in covered + outside if matcher(uri)] == covered

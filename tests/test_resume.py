@@ -161,7 +161,7 @@ def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inpu
     rows = embeddings(out, model)
     assert sorted(rows) == sorted(list(old) + ['%04d.jpg' % n for n in range(IMAGES, IMAGES + 3)])
     assert counts['models'][model] == {'embedded': IMAGES + 3, 'failed': 1, 'embed_failed': 0,
-                                       'resumed': IMAGES, 'changed': 0}
+                                       'resumed': IMAGES, 'changed': 0, 'removed': 0}
   # The failed input was retried and failed again: one record, in this run's file.
   assert failure_keys(out) == [BAD_KEY]
   assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
@@ -197,10 +197,43 @@ def test_resume_embeds_files_changed_since_again(tmp_path, uninterrupted, inputs
     ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
     assert ids == sorted(rows)
     assert counts['models'][model] == {'embedded': IMAGES - 1, 'failed': 2, 'embed_failed': 0,
-                                       'resumed': IMAGES - 2, 'changed': 2}
+                                       'resumed': IMAGES - 2, 'changed': 2, 'removed': 0}
   assert failure_keys(out) == ['0005.jpg', BAD_KEY]
   # The earlier parts lost two rows in place; the re-embedded one is in this run's part.
   assert set(earlier_parts) < {p.name for p in (out / 'v1' / 'embeddings').iterdir()}
+
+
+def test_resume_removes_the_rows_of_files_gone_that_its_inputs_cover(
+    tmp_path, uninterrupted, inputs, test_models):
+  pruned = tmp_path / 'images'
+  shutil.copytree(inputs, pruned)
+  for name in ('0002.jpg', '0014.jpg'):
+    (pruned / name).unlink()
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  old = {model: embeddings(uninterrupted, model) for model in MODELS}
+
+  # Narrower inputs cover only some files: the rows of the others stay, even of 0014.jpg.
+  narrower = job_args(pruned, out, test_models, '--resume')
+  narrower[narrower.index(str(pruned / '*'))] = str(pruned / '000*')
+  run_pipeline.main(narrower)
+  for model in MODELS:
+    assert sorted(embeddings(out, model)) == sorted(set(old[model]) - {'0002.jpg'})
+    assert manifest_counts(out)['models'][model]['removed'] == 1
+
+  run_pipeline.main(job_args(pruned, out, test_models, '--resume'))
+
+  counts = manifest_counts(out)
+  assert counts['read'] == IMAGES - 1 and counts['reconciled'] is True
+  for model in MODELS:
+    rows = embeddings(out, model)
+    assert sorted(rows) == sorted(set(old[model]) - {'0002.jpg', '0014.jpg'})
+    for key, vector in rows.items():
+      np.testing.assert_allclose(vector, old[model][key], rtol=1e-5, atol=1e-5)
+    ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
+    assert ids == sorted(rows)
+    assert counts['models'][model] == {'embedded': IMAGES - 2, 'failed': 1, 'embed_failed': 0,
+                                       'resumed': IMAGES - 2, 'changed': 0, 'removed': 1}
 
 
 def test_resume_with_another_model_under_the_same_name_is_refused(

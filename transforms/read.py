@@ -98,6 +98,21 @@ def pattern_regex(pattern):
   return re.compile('(?ms)' + '/(?:.*/)?'.join(bodies) + '\\Z')
 
 
+class SourceMatcher:
+  """Whether an output row's uri comes from a file that the patterns match: the uri
+  itself, or, for an image of a shard (a uri with '#record' after the shard's path), the
+  part before a '#'. Tells a resumed run which earlier rows its inputs cover."""
+
+  def __init__(self, patterns):
+    self._literal = {unquote_glob(p) for p in patterns if not is_glob(p)}
+    self._regexes = [pattern_regex(p) for p in patterns if is_glob(p)]
+
+  def __call__(self, uri):
+    sources = [uri] + [uri[:at] for at, char in enumerate(uri) if char == '#']
+    return any(source in self._literal or any(r.match(source) for r in self._regexes)
+               for source in sources)
+
+
 def _raise(error):
   raise error
 
