@@ -5,7 +5,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
-from pipeline.resume import (CHANGED, REMOVED, RESUMED, CompletedWork, delete_paths,
+from pipeline.resume import (FOUND_STATUSES, RESUMED, CompletedWork, delete_paths,
                              earlier_failure_files, found_fact)
 from pipeline.versions import runtime_versions
 from schemas import outputs
@@ -52,7 +52,7 @@ def manifest_counts(facts, model_names):
     failed = read_failed + decode_failed + facts['embed_failed/' + name]
     models[name] = {'embedded': embedded, 'failed': failed,
                     'embed_failed': facts['embed_failed/' + name]}
-    for status in (RESUMED, CHANGED, REMOVED):
+    for status in FOUND_STATUSES:
       if found_fact(status, name) in facts:
         models[name][status] = facts[found_fact(status, name)]
   return {

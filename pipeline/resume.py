@@ -263,11 +263,15 @@ def earlier_failure_files(out_dir, run_tag):
 # made from the same bytes (the input is counted as embedded, not embedded again), or
 # from other ones (the file changed since: it is embedded again and the old row goes).
 # A row whose input the run's patterns cover but which was not read as an image (the
-# file was deleted, or can no longer be read) is removed.
+# file was deleted, or can no longer be read) is removed; an up-to-date row whose input
+# was read from another place (the inputs moved) is given its new uri.
 RESUMED = 'resumed'
 CHANGED = 'changed'
 REMOVED = 'removed'
+MOVED = 'moved'
+FOUND_STATUSES = (RESUMED, CHANGED, REMOVED, MOVED)
 FOUND_TAG = 'found'
+READ_TAG = 'read'
 
 
 def found_fact(status, model_name):
@@ -303,11 +307,13 @@ def found_rows(key, done):
 
 
 def sort_completed(record, model_names, done):
-  """ImageRecord -> the record itself when some model still has to embed it, and
+  """ImageRecord -> the record itself when some model still has to embed it,
   (RESUMED or CHANGED, model, key) tagged FOUND_TAG for every model with a row of its
-  key. Only inputs found embedded are hashed."""
+  key, and (key, (uri, sha256 or None)) tagged READ_TAG. Only inputs found embedded are
+  hashed here."""
   found = found_rows(record.key, done)
   current = content_sha256(record.data) if found else None
+  yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, (record.uri, current)))
   up_to_date = set()
   for model, sha256 in found:
     status = RESUMED if sha256 == current else CHANGED
@@ -318,16 +324,20 @@ def sort_completed(record, model_names, done):
     yield record
 
 
-def rows_of_inputs_gone(key_and_joined, covered_by_inputs, root):
-  """(key, {'rows': [(model, sha256, uri)], 'read': [...]}) -> (REMOVED, model, key) for
-  every earlier row of a key not read as an image this run, from an input the run's
-  patterns cover: where the row's uri points, or where its key is now (below root: the
-  inputs may have moved). Rows of inputs outside them (a narrower --input) stay."""
+def rows_to_update(key_and_joined, covered_by_inputs, root):
+  """(key, {'rows': [(model, sha256, uri)], 'read': [(uri, sha256)]}) ->
+  (REMOVED, model, key) for every earlier row of a key not read as an image this run,
+  from an input the run's patterns cover: where the row's uri points, or where its key
+  is now (below root: the inputs may have moved); rows of inputs outside them (a
+  narrower --input) stay. (MOVED, model, key, uri) for every up-to-date row of an input
+  read from another uri."""
   key, joined = key_and_joined
-  if joined['read']:
-    return []
-  return [(REMOVED, model, key) for model, _, uri in joined['rows']
-          if covered_by_inputs(uri) or covered_by_inputs(root + key)]
+  if not joined['read']:
+    return [(REMOVED, model, key) for model, _, uri in joined['rows']
+            if covered_by_inputs(uri) or covered_by_inputs(root + key)]
+  uri_now, sha256_now = joined['read'][0]
+  return [(MOVED, model, key, uri_now) for model, sha256, uri in joined['rows']
+          if sha256 == sha256_now and uri != uri_now]
 
 
 def embedded_already(image, model_name, done):
@@ -335,11 +345,13 @@ def embedded_already(image, model_name, done):
   return (model_name, image.sha256) in found_rows(image.key, done)
 
 
-def drop_stale_rows(path, stale_keys):
+def update_earlier_part(path, found):
   """Removes from an earlier attempt's part the rows of inputs that changed since (this
-  run embeds them again) or are gone; returns the part's path."""
-  if stale_keys:
-    outputs.drop_rows_with_keys(path, stale_keys)
+  run embeds them again) or are gone, and gives moved ones their new uri; returns the
+  part's path. found: this model's (status, model, key[, uri]) other than RESUMED."""
+  if found:
+    outputs.update_rows(path, [f[2] for f in found if f[0] in (CHANGED, REMOVED)],
+                        {f[2]: f[3] for f in found if f[0] == MOVED})
   return path
 
 
@@ -363,13 +375,13 @@ class CompletedWork:
     """ImageRecords -> those some model still needs: new inputs, failed ones, and inputs
     whose file changed since it was embedded (the rest need no decoding)."""
     sorted_images = images | 'SkipCompleted' >> beam.FlatMap(
-        sort_completed, self._model_names, self._done).with_outputs(FOUND_TAG, main='images')
-    read_keys = images | 'ReadKeys' >> beam.Map(lambda record: (record.key, None))
-    gone = ({'rows': self._rows, 'read': read_keys}
-            | 'JoinReadKeys' >> beam.CoGroupByKey()
-            | 'RowsOfInputsGone' >> beam.FlatMap(rows_of_inputs_gone,
-                                                 SourceMatcher(self._patterns), self._root))
-    self._found = (sorted_images[FOUND_TAG], gone) | 'AllFound' >> beam.Flatten()
+        sort_completed, self._model_names, self._done).with_outputs(
+            FOUND_TAG, READ_TAG, main='images')
+    updates = ({'rows': self._rows, 'read': sorted_images[READ_TAG]}
+               | 'JoinRead' >> beam.CoGroupByKey()
+               | 'RowsToUpdate' >> beam.FlatMap(rows_to_update,
+                                                SourceMatcher(self._patterns), self._root))
+    self._found = (sorted_images[FOUND_TAG], updates) | 'AllFound' >> beam.Flatten()
     return sorted_images.images
 
   def embed_input(self, decoded, model_name):
@@ -380,8 +392,9 @@ class CompletedWork:
   def found_counts(self):
     """(fact, count) for every model and status (RESUMED: inputs found embedded from the
     same bytes, which count as embedded, so that read = embedded + failed holds over the
-    whole output; CHANGED: embedded from other bytes; REMOVED: rows of inputs gone)."""
-    zeros = [(found_fact(status, name), 0) for status in (RESUMED, CHANGED, REMOVED)
+    whole output; CHANGED: embedded from other bytes; REMOVED: rows of inputs gone;
+    MOVED: rows given a new uri)."""
+    zeros = [(found_fact(status, name), 0) for status in FOUND_STATUSES
              for name in self._model_names]
     found = self._found | 'FoundFacts' >> beam.Map(
         lambda status_model_key: (found_fact(*status_model_key[:2]), 1))
@@ -391,11 +404,11 @@ class CompletedWork:
 
   def earlier_parts(self, model_name):
     """Paths of the earlier attempts' completed parts of a model, once the rows of inputs
-    that changed since or are gone are removed from them."""
-    stale = self._found | 'Stale[%s]' % model_name >> beam.FlatMap(
-        lambda found: [found[2]] if found[0] != RESUMED and found[1] == model_name else [])
+    that changed since or are gone are removed from them, and moved ones updated."""
+    updates = self._found | 'Updates[%s]' % model_name >> beam.Filter(
+        lambda found: found[0] != RESUMED and found[1] == model_name)
     return (self._pipeline
             | 'EarlierParts[%s]' % model_name >> beam.Create(
                 [path for name, path in self._state.completed_parts if name == model_name])
-            | 'DropStale[%s]' % model_name >> beam.Map(drop_stale_rows,
-                                                       beam.pvalue.AsList(stale)))
+            | 'UpdateEarlier[%s]' % model_name >> beam.Map(update_earlier_part,
+                                                          beam.pvalue.AsList(updates)))

@@ -213,29 +213,40 @@ def read_parquet(paths, columns=None, filters=None):
   return pa.concat_tables(tables) if tables else None
 
 
-def drop_rows_with_keys(path, keys):
-  """Rewrites a Parquet file without its rows whose key is one of `keys`, a row group at
-  a time, with its schema and metadata; the new file replaces the old in one step, so a
-  reader sees all the old rows or all the new ones. Returns how many rows went (the file
-  is left alone when none)."""
-  keys = pa.array(sorted(set(keys)), pa.string())
+def update_rows(path, drop_keys=(), new_uris=None):
+  """Rewrites an embeddings Parquet file without its rows whose key is in drop_keys, and
+  with the uri of the rows whose key is in new_uris ({key: uri}) replaced, a row group
+  at a time, with its schema and metadata; the new file replaces the old in one step, so
+  a reader sees all the old rows or all the new ones. Returns (rows dropped, rows given
+  a new uri); the file is left alone when both are 0."""
+  drop_keys = pa.array(sorted(set(drop_keys)), pa.string())
+  new_uris = new_uris or {}
+
+  def changes(table):
+    dropped = pc.is_in(table.column('key'), value_set=drop_keys)
+    kept = table.filter(pc.invert(dropped))
+    uris = kept.column('uri').to_pylist()
+    moved = [new_uris.get(key, uri) for key, uri in zip(kept.column('key').to_pylist(), uris)]
+    return (pc.sum(dropped).as_py() or 0, sum(a != b for a, b in zip(uris, moved)),
+            kept, moved)
+
   with FileSystems.open(path) as f:
-    dropped = pc.sum(pc.is_in(pq.read_table(f, columns=['key']).column('key'),
-                              value_set=keys)).as_py() or 0
-  if not dropped:
-    return 0
+    dropped, updated, _, _ = changes(pq.read_table(f, columns=['key', 'uri']))
+  if not dropped and not updated:
+    return 0, 0
 
   def write(target):
     with FileSystems.open(path) as source:
       parquet = pq.ParquetFile(source)
       with pq.ParquetWriter(target, parquet.schema_arrow) as writer:
         for group in range(parquet.num_row_groups):
-          table = parquet.read_row_group(group)
-          writer.write_table(table.filter(pc.invert(pc.is_in(table.column('key'),
-                                                             value_set=keys))))
+          _, _, kept, uris = changes(parquet.read_row_group(group))
+          uri_at = kept.schema.get_field_index('uri')
+          writer.write_table(kept.set_column(uri_at, kept.schema.field(uri_at),
+                                             pa.array(uris, pa.string())))
 
   write_atomically(path, write)
-  return dropped
+  return dropped, updated
 
 
 def parquet_embeddings_info(path):

@@ -135,7 +135,8 @@ def test_output_dir_checks_see_the_same_run_on_mem_and_local_disk(tmp_path):
       '/m/index_info.json.tmp-writing']
 
 
-def test_dropping_rows_of_changed_inputs_keeps_the_part_on_mem_and_local_disk(tmp_path):
+def test_updating_rows_of_changed_or_moved_inputs_keeps_the_part_on_mem_and_local_disk(
+    tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   record = {'name': 'm', 'keys_root': '/photos/'}
@@ -152,13 +153,16 @@ def test_dropping_rows_of_changed_inputs_keeps_the_part_on_mem_and_local_disk(tm
     with FileSystems.open(path) as f:
       before = f.read()
 
-    assert outputs.drop_rows_with_keys(path, ['elsewhere']) == 0
+    assert outputs.update_rows(path, ['elsewhere'], {'k03': '/photos/k03'}) == (0, 0)
     with FileSystems.open(path) as f:
       assert f.read() == before  # not rewritten
 
-    assert outputs.drop_rows_with_keys(path, ['k01', 'k05', 'k06', 'elsewhere']) == 3
+    assert outputs.update_rows(path, ['k01', 'k05', 'k06', 'elsewhere'],
+                               {'k02': '/moved/k02', 'k05': '/moved/k05'}) == (3, 1)
     assert outputs.parquet_embeddings_info(path) == (4, record)
     got = outputs.read_parquet([path])
     assert got.column('key').to_pylist() == [k for k in keys if k not in ('k01', 'k05', 'k06')]
     assert got.column('embedding').to_pylist()[1] == [8.0, 9.0, 10.0, 11.0]  # k02's
+    assert got.column('uri').to_pylist()[:3] == ['/photos/k00', '/moved/k02', '/photos/k03']
+    assert outputs.read_parquet([path]).schema == schema
     assert outputs.matching_paths(path + '*') == [path]  # no temporary left

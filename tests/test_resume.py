@@ -160,8 +160,10 @@ def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inpu
   for model in MODELS:
     rows = embeddings(out, model)
     assert sorted(rows) == sorted(list(old) + ['%04d.jpg' % n for n in range(IMAGES, IMAGES + 3)])
+    # The inputs were copied to another folder: the rows point there now.
     assert counts['models'][model] == {'embedded': IMAGES + 3, 'failed': 1, 'embed_failed': 0,
-                                       'resumed': IMAGES, 'changed': 0, 'removed': 0}
+                                       'resumed': IMAGES, 'changed': 0, 'removed': 0,
+                                       'moved': IMAGES}
   # The failed input was retried and failed again: one record, in this run's file.
   assert failure_keys(out) == [BAD_KEY]
   assert not set(old_failures) & {p.name for p in (out / 'failures').iterdir()}
@@ -197,7 +199,8 @@ def test_resume_embeds_files_changed_since_again(tmp_path, uninterrupted, inputs
     ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
     assert ids == sorted(rows)
     assert counts['models'][model] == {'embedded': IMAGES - 1, 'failed': 2, 'embed_failed': 0,
-                                       'resumed': IMAGES - 2, 'changed': 2, 'removed': 0}
+                                       'resumed': IMAGES - 2, 'changed': 2, 'removed': 0,
+                                       'moved': IMAGES - 2}  # a copy of the inputs
   assert failure_keys(out) == ['0005.jpg', BAD_KEY]
   # The earlier parts lost two rows in place; the re-embedded one is in this run's part.
   assert set(earlier_parts) < {p.name for p in (out / 'v1' / 'embeddings').iterdir()}
@@ -232,8 +235,32 @@ def test_resume_removes_the_rows_of_files_gone_that_its_inputs_cover(
       np.testing.assert_allclose(vector, old[model][key], rtol=1e-5, atol=1e-5)
     ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE)).column('key').to_pylist()
     assert ids == sorted(rows)
+    # The rows of a copy of the inputs: those of 0000-0009 moved in the first resume.
     assert counts['models'][model] == {'embedded': IMAGES - 2, 'failed': 1, 'embed_failed': 0,
-                                       'resumed': IMAGES - 2, 'changed': 0, 'removed': 1}
+                                       'resumed': IMAGES - 2, 'changed': 0, 'removed': 1,
+                                       'moved': IMAGES - 2 - 9}
+
+
+def test_resume_of_inputs_moved_elsewhere_points_the_rows_at_their_new_place(
+    tmp_path, uninterrupted, inputs, test_models):
+  moved = shutil.copytree(inputs, tmp_path / 'elsewhere' / 'images')
+  (moved / '0001.jpg').write_bytes((inputs / '0009.jpg').read_bytes())  # and one edited
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+
+  run_pipeline.main(job_args(moved, out, test_models, '--resume'))
+
+  counts = manifest_counts(out)
+  for model in MODELS:
+    table = pq.read_table(str(out / model / 'embeddings'), columns=['key', 'uri'])
+    assert sorted(table.column('uri').to_pylist()) == sorted(
+        str(moved / key) for key in embeddings(uninterrupted, model))
+    ids = pq.read_table(str(out / model / outputs.INDEX_IDS_FILE))
+    assert ids.column('uri').to_pylist() == [str(moved / key)
+                                             for key in ids.column('key').to_pylist()]
+    assert counts['models'][model] == {'embedded': IMAGES, 'failed': 1, 'embed_failed': 0,
+                                       'resumed': IMAGES - 1, 'changed': 1, 'removed': 0,
+                                       'moved': IMAGES - 1}
 
 
 def test_resume_with_another_model_under_the_same_name_is_refused(
