@@ -21,6 +21,25 @@ def failure_reason_text(entry):
   return '%s %s' % (entry['stage'], entry['error'])
 
 
+# What a resumed run did with the earlier rows, as the manifest counts it per model.
+_RESUMED_WORDS = (('changed', 'changed since, embedded again'),
+                  ('removed', 'of inputs gone, removed'),
+                  ('moved', 'found at a new place, uri updated'))
+
+
+def _resume_lines(models):
+  """A resumed run's line per model: how many inputs were up to date, and what it did
+  with the other earlier rows."""
+  lines = []
+  for name, model in models.items():
+    if 'resumed' in model:
+      done = ['%s up to date' % format(model['resumed'], ',')] + [
+          '%s %s' % (format(model[field], ','), words)
+          for field, words in _RESUMED_WORDS if model.get(field)]
+      lines.append('  resumed %s: %s' % (name, '; '.join(done)))
+  return lines
+
+
 def format_summary(manifest, out_dir, with_report=True):
   """The manifest -> the lines printed when the run ends: per model images embedded,
   failures and throughput; failures by reason with a count and an example; wall time;
@@ -33,6 +52,7 @@ def format_summary(manifest, out_dir, with_report=True):
           for name, model in counts['models'].items()]
   lines = ['run summary'] + ['  ' + line for line in _table(
       ['model', 'embedded', 'failed', 'images/s'], rows, (1, 2, 3))]
+  lines.extend(_resume_lines(counts['models']))
   reasons = manifest.get('failures_by_reason') or []
   if reasons:
     lines.append('failures by reason')

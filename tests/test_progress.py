@@ -137,6 +137,23 @@ def test_summary_shows_the_manifest_figures():
   assert '10 images read in 1:05 (0.2 images/s)' in text
   assert 'outputs in /out:' in text and 'report.html' in text
   assert 'report.html' not in summary.format_summary(manifest, '/out', with_report=False)
+  assert 'resumed' not in text
+
+
+def test_summary_of_a_resumed_run_says_what_became_of_the_earlier_rows():
+  manifest = {'counts': {'read': 10, 'models': {
+      'v1': {'embedded': 9, 'failed': 1, 'resumed': 1200, 'changed': 2, 'removed': 0,
+             'moved': 1198},
+      'v3': {'embedded': 9, 'failed': 1, 'resumed': 0, 'changed': 0, 'removed': 3,
+             'moved': 0}}}}
+  lines = summary.format_summary(manifest, '/out').splitlines()
+  assert lines[1:6] == [
+      '  model  embedded  failed  images/s',
+      '  v1            9       1         -',
+      '  v3            9       1         -',
+      '  resumed v1: 1,200 up to date; 2 changed since, embedded again; 1,198 found at a '
+      'new place, uri updated',
+      '  resumed v3: 0 up to date; 3 of inputs gone, removed']
 
 
 def test_a_run_that_stops_early_does_not_end_with_done(tmp_path, capsys):
