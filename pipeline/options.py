@@ -11,8 +11,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 from pipeline.graph import IndexOnlyConfig, JobConfig
 from pipeline.probe_cache import probe_models_remembered
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
-from pipeline.resume import (OutputDirError, check_not_being_written, check_output_dir,
-                             resume_state, resumed_keys_root)
+from pipeline.resume import (OutputDirError, check_every_model_resumed, check_not_being_written,
+                             check_output_dir, resume_state, resumed_keys_root)
 from pipeline.runners import (RunnerUsageError, check_cloud_storage_locations, with_dry_run,
                               with_local_defaults, with_project_shipped)
 from schemas import outputs
@@ -345,10 +345,12 @@ def make_config(args, probe_in_subprocess=False):
     raise UsageError(str(e)) from e
   try:
     # Local handles are made absolute: workers and the query script run elsewhere.
-    specs = probe_models_remembered(
-        [spec._replace(handle=normalize_pattern(spec.handle))
-         for spec in parse_model_specs(args.model)], probe_in_subprocess)
-  except (ModelSpecError, ModelUnavailableError) as e:
+    given = [spec._replace(handle=normalize_pattern(spec.handle))
+             for spec in parse_model_specs(args.model)]
+    if args.resume:
+      check_every_model_resumed(out_dir, [spec.name for spec in given])
+    specs = probe_models_remembered(given, probe_in_subprocess)
+  except (ModelSpecError, ModelUnavailableError, OutputDirError) as e:
     raise UsageError(str(e)) from e
   try:
     resume = resume_state(out_dir, specs) if args.resume else None

@@ -208,6 +208,27 @@ def check_output_dir(out_dir, resume=False, overwrite=False):
         'it or --overwrite to start again' % out_dir)
 
 
+def check_every_model_resumed(out_dir, model_names):
+  """Refuses (OutputDirError) a resume that leaves out a model whose parts out_dir
+  holds: the new manifest would no longer list it, and its rows would stop following
+  the inputs (changed and deleted files)."""
+  left_out = {}
+  for path in outputs.matching_paths(outputs.embeddings_glob(out_dir, '*')):
+    name = path.split('/')[-3]  # OUT/<model>/embeddings/part-*.parquet
+    if name not in model_names and name not in left_out:
+      _, made_by = outputs.parquet_embeddings_info(path)
+      left_out[name] = (made_by or {}).get('handle')
+  if left_out:
+    raise OutputDirError(
+        'cannot resume: %s also holds the embeddings of %s; resume with every model of '
+        'the run (add %s), or delete %s to drop %s' % (
+            out_dir, ', '.join(sorted(left_out)),
+            ' '.join('--model %s=%s' % (name, handle) if handle else '--model ' + name
+                     for name, handle in sorted(left_out.items())),
+            ' and '.join(outputs.model_dir(out_dir, name) for name in sorted(left_out)),
+            'them' if len(left_out) > 1 else 'it'))
+
+
 def resume_state(out_dir, model_specs):
   """A new ResumeState: this attempt's tag and the completed parts found at launch."""
   parts, keys_roots = completed_parts(out_dir, model_specs)

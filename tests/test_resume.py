@@ -283,6 +283,30 @@ def test_resume_with_another_model_under_the_same_name_is_refused(
   assert sorted(p.name for p in (out / 'v3' / 'embeddings').iterdir()) == before
 
 
+def test_resume_without_a_model_of_the_run_is_refused(tmp_path, uninterrupted, inputs,
+                                                     test_models, capsys):
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  only_v1 = ['--input', str(inputs / '*'), '--output', str(out), '--model',
+             'v1=' + test_models['v1_tf1'], '--no_report', *IN_PROCESS, '--resume']
+
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(only_v1)
+
+  assert exit_info.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert lines == ['run_pipeline.py: error: cannot resume: %s also holds the embeddings of '
+                   'v3; resume with every model of the run (add --model v3=%s), or delete '
+                   '%s to drop it' % (out, test_models['v3_tf2'], out / 'v3')]
+  assert (out / 'manifest.json').read_bytes() == (uninterrupted / 'manifest.json').read_bytes()
+
+  shutil.rmtree(out / 'v3')
+  run_pipeline.main(only_v1)
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert [model['name'] for model in manifest['models']] == ['v1']
+  assert manifest['counts']['models']['v1']['resumed'] == IMAGES
+
+
 def test_resume_with_a_copy_of_the_same_model_goes_on(tmp_path, uninterrupted, inputs,
                                                       test_models):
   out = tmp_path / 'out'
