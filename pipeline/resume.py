@@ -49,8 +49,10 @@ def _glob_paths(pattern):
 
 def unfinished_leftovers(out_dir):
   """Temporary files and directories that an interrupted run leaves behind: Beam's
-  sink directories (beam-temp-*) and half-written index or JSON files."""
+  sink directories (beam-temp-*) and half-written index, JSON or rewritten part files."""
   patterns = [outputs.output_path(out_dir, '*', outputs.EMBEDDINGS_DIR, 'beam-temp-*'),
+              outputs.output_path(out_dir, '*', outputs.EMBEDDINGS_DIR,
+                                  '*' + outputs.TEMPORARY_SUFFIX),
               outputs.output_path(out_dir, outputs.FAILURES_DIR, 'beam-temp-*'),
               outputs.output_path(out_dir, '*', '*' + outputs.TEMPORARY_SUFFIX),
               outputs.output_path(out_dir, '*' + outputs.TEMPORARY_SUFFIX)]

@@ -132,6 +132,9 @@ def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, i
   (temporary / 'x.part.parquet').write_bytes(b'PAR1 half written')
   (out / 'v1' / 'index.faiss.tmp-writing').write_bytes(b'half')
   v1_parts = {p.name: p.read_bytes() for p in (out / 'v1' / 'embeddings').iterdir()}
+  # A part being rewritten without the rows of changed inputs.
+  rewritten = out / 'v1' / 'embeddings' / (sorted(v1_parts)[0] + '.tmp-writing')
+  rewritten.write_bytes(b'PAR1 half written')
 
   run_pipeline.main(job_args(inputs, out, test_models, '--resume'))
 
@@ -139,6 +142,7 @@ def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, i
   for name, data in v1_parts.items():  # completed parts are kept as they were
     assert (out / 'v1' / 'embeddings' / name).read_bytes() == data
   assert not temporary.exists() and not (out / 'v1' / 'index.faiss.tmp-writing').exists()
+  assert not rewritten.exists()
   counts = manifest_counts(out)['models']
   assert counts['v1']['resumed'] == IMAGES and counts['v3']['resumed'] == 0
 
