@@ -91,7 +91,8 @@ def run_job(argv, launch):
     with live_progress(config, runner, args.progress_seconds) as metrics, \
         runners.stop_if_a_worker_dies(last_words(launch)):
       build_pipeline(pipeline, config, metrics)
-      result = pipeline.run()
+      with runners.quiet_submission(runner_name):
+        result = pipeline.run()
       if runner_name == 'dataflow' and not args.dry_run:
         # Submitted: the job goes on without this process.
         launch['dataflow_job'] = (

@@ -19,6 +19,12 @@ PROJECT_SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
     __file__))), 'setup.py')
 
 
+# What Beam's stager leaves on stderr at each Dataflow launch, building the --setup_file
+# sdist: it tries 'python -m build' first and falls back to 'setup.py sdist' when that
+# module is missing (it is: one dependency less), but the child's error reaches the user.
+SDIST_BUILD_NOISE = re.compile(r': No module named build\s*$')
+
+
 class RunnerUsageError(ValueError):
   """Runner flags that do not fit together."""
 
@@ -334,3 +340,12 @@ def beam_options_record(pipeline_options):
     basic = value is None or isinstance(value, (bool, int, float, str))
     record[name] = value if basic or isinstance(value, list) else str(value)
   return record
+
+
+def quiet_submission(runner_name):
+  """Around pipeline.run(): for Dataflow, file descriptor 2 without SDIST_BUILD_NOISE
+  (the rest is written once the job is submitted, or built in a dry run)."""
+  if runner_name != 'dataflow':
+    return contextlib.nullcontext()
+  from transforms.models import stderr_without  # pylint: disable=import-outside-toplevel
+  return stderr_without(SDIST_BUILD_NOISE)
