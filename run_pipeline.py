@@ -128,7 +128,7 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   """--index_only: the index stage alone over a finished run's Parquet."""
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
-  from pipeline.runners import stop_if_a_worker_dies  # pylint: disable=import-outside-toplevel
+  from pipeline import runners  # pylint: disable=import-outside-toplevel
   from pipeline.resume import mark_being_written, unmark_being_written  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
   try:
@@ -140,8 +140,9 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
   mark_being_written(config.out_dir)
   try:
-    with stop_if_a_worker_dies(last_words(launch)):
-      result = pipeline.run()
+    with runners.stop_if_a_worker_dies(last_words(launch)):
+      with runners.quiet_submission(runners.runner_name_of(pipeline_options)):
+        result = pipeline.run()
       result.wait_until_finish()
     manifest = outputs.read_json(outputs.output_path(config.out_dir, outputs.MANIFEST_FILE))
     if not args.no_report:
