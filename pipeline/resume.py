@@ -365,7 +365,8 @@ def rows_to_update(key_and_joined, covered_by_inputs, root):
 
 def embedded_already(image, model_name, done):
   """Whether a DecodedImage has a row of `model_name` made from the same bytes."""
-  return (model_name, image.sha256) in found_rows(image.key, done)
+  return any(model == model_name and sha256 == image.sha256
+             for model, sha256 in found_rows(image.key, done))
 
 
 def update_earlier_part(path, found):
