@@ -131,8 +131,9 @@ def add_output_dir_flags(group):
   group.add_argument(
       '--resume', action='store_true',
       help='continue an interrupted or completed run in --output: embed only the inputs '
-           'that have no embedding in its completed files, retry its failures, and '
-           'rebuild the indexes and manifest over everything (default: off). '
+           'that have no embedding in its completed files or changed since, remove the '
+           'rows of inputs gone, retry its failures, and rebuild the indexes and '
+           'manifest over everything (default: off). '
            'Example: --resume')
   group.add_argument(
       '--overwrite', action='store_true',
