@@ -1,6 +1,7 @@
 """The run summary printed at the end: the manifest's figures as a short text table."""
 
 from pipeline.progress import format_duration
+from pipeline.resume import CHANGED, MOVED, REMOVED, RESUMED
 from schemas import outputs
 
 ALL_MODELS = 'all models'
@@ -22,9 +23,9 @@ def failure_reason_text(entry):
 
 
 # What a resumed run did with the earlier rows, as the manifest counts it per model.
-_RESUMED_WORDS = (('changed', 'changed since, embedded again'),
-                  ('removed', 'of inputs gone, removed'),
-                  ('moved', 'found at a new place, uri updated'))
+_RESUMED_WORDS = ((CHANGED, 'changed since, embedded again'),
+                  (REMOVED, 'of inputs gone, removed'),
+                  (MOVED, 'found at a new place, uri updated'))
 
 
 def _resume_lines(models):
@@ -32,8 +33,8 @@ def _resume_lines(models):
   with the other earlier rows."""
   lines = []
   for name, model in models.items():
-    if 'resumed' in model:
-      done = ['%s up to date' % format(model['resumed'], ',')] + [
+    if RESUMED in model:
+      done = ['%s up to date' % format(model[RESUMED], ',')] + [
           '%s %s' % (format(model[field], ','), words)
           for field, words in _RESUMED_WORDS if model.get(field)]
       lines.append('  resumed %s: %s' % (name, '; '.join(done)))

@@ -4,6 +4,8 @@ import json
 import os
 import pathlib
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
@@ -137,8 +139,6 @@ def test_output_dir_checks_see_the_same_run_on_mem_and_local_disk(tmp_path):
 
 def test_updating_rows_of_changed_or_moved_inputs_keeps_the_part_on_mem_and_local_disk(
     tmp_path):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
   record = {'name': 'm', 'keys_root': '/photos/'}
   schema = outputs.embeddings_schema(4, record)
   keys = ['k%02d' % n for n in range(10)]
