@@ -76,21 +76,43 @@ def save_tf2(model, size, path):
 
 def save_tf1_hub(model, size, path):
   """A TF1 Hub-format SavedModel: one MetaGraph with an empty tag set whose
-  `image_feature_vector` (and `default`) signature maps `images` to `default`."""
+  `image_feature_vector` (and `default`) signature maps `images` to `default`. The
+  weights are variables, stored in `variables/`, as in the modules TF Hub serves."""
   from tensorflow.python.framework.convert_to_constants import (  # pylint: disable=import-outside-toplevel
       convert_variables_to_constants_v2)
   function = tf.function(lambda images: model(images * 2.0 - 1.0, training=False))
   concrete = function.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.float32))
+  # The Keras model's graph, with its weights as constants, rebuilt in a TF1 graph where
+  # every weight array reads a variable instead.
   frozen = convert_variables_to_constants_v2(concrete)
   graph_def = frozen.graph.as_graph_def()
+  weights = {}
+  for node in graph_def.node:
+    if (node.op == 'Const' and node.attr['dtype'].type == tf.float32.as_datatype_enum
+        and node.attr['value'].tensor.tensor_shape.dim):
+      weights[node.name] = tf.make_ndarray(node.attr['value'].tensor)
+      # A placeholder in its place, fed the variable below: the graph keeps no copy.
+      dtype = node.attr['dtype']
+      node.op = 'Placeholder'
+      node.ClearField('attr')
+      node.attr['dtype'].CopyFrom(dtype)
   input_name = frozen.inputs[0].name
   output_name = frozen.outputs[0].name
   with tf.Graph().as_default() as graph:
     images = tf.compat.v1.placeholder(tf.float32, [None, size, size, 3], name='images')
+    input_map = {input_name: images}
+    variables = {}
+    for index, (name, value) in enumerate(sorted(weights.items())):
+      variables[name] = tf.compat.v1.get_variable(
+          'weight_%d' % index, shape=value.shape, dtype=tf.float32,
+          initializer=tf.compat.v1.zeros_initializer())  # values loaded below, not in the graph
+      input_map[name + ':0'] = variables[name].value()
     features, = tf.compat.v1.import_graph_def(
-        graph_def, input_map={input_name: images}, return_elements=[output_name],
-        name='module')
+        graph_def, input_map=input_map, return_elements=[output_name], name='module')
     with tf.compat.v1.Session(graph=graph) as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      for name, variable in variables.items():
+        variable.load(weights[name], session)
       signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
           inputs={'images': images}, outputs={'default': features})
       builder = tf.compat.v1.saved_model.Builder(path)
@@ -126,6 +148,29 @@ def save_projection(dim, size, path, seed=0):
   """A TF2 SavedModel of `dim` features that is not a MobileNet: another model with the
   same shape, as when a model's files are replaced. Builds in a second."""
   tf.saved_model.save(_Projection(dim, size, seed), path)
+  return path
+
+
+class _CountingProjection(tf.Module):
+  """A model with state: each call adds the batch size to `calls`. Its variables cannot
+  be made constants."""
+
+  def __init__(self, dim, size):
+    super().__init__()
+    self.weights = tf.Variable(np.random.default_rng(0).standard_normal((3, dim)),
+                               dtype=tf.float32)
+    self.calls = tf.Variable(0.0)
+
+    def call(images):
+      self.calls.assign_add(tf.cast(tf.shape(images)[0], tf.float32))
+      return tf.reduce_mean(images, axis=[1, 2]) @ self.weights
+
+    self.__call__ = tf.function(
+        call, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+
+def save_counting_projection(dim, size, path):
+  tf.saved_model.save(_CountingProjection(dim, size), path)
   return path
 
 

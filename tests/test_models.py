@@ -63,6 +63,42 @@ def test_embeddings_are_healthy_and_batch_independent(test_models):
     assert np.all(np.linalg.norm(together, axis=1) > 1e-3), name
 
 
+def variable_reads(embedder):
+  """Ops reading a variable in the embedder's traced call, its nested functions included."""
+  graph_def = embedder._embed.get_concrete_function().graph.as_graph_def()
+  nodes = list(graph_def.node) + [node for function in graph_def.library.function
+                                  for node in function.node_def]
+  return [node.name for node in nodes if node.op == 'ReadVariableOp']
+
+
+def test_saved_models_run_frozen_and_answer_as_loaded(test_models):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  pixels = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+  v3 = load_embedder(ModelSpec('v3_tf2', test_models['v3_tf2']))
+  v1 = load_embedder(ModelSpec('v1_tf1', test_models['v1_tf1']))
+  assert variable_reads(v3) == [] and variable_reads(v1) == []
+  images = tf.constant(pixels, tf.float32) / 255.0
+  # Folding batch normalization into the weights moves the float rounding a little.
+  as_loaded = tf.saved_model.load(test_models['v3_tf2'])(images).numpy()
+  np.testing.assert_allclose(v3(pixels), as_loaded, atol=1e-4 * np.abs(as_loaded).max())
+  signature = tf.saved_model.load(test_models['v1_tf1'], tags=[]).signatures[
+      'image_feature_vector']
+  as_loaded = signature(images=images[:, :160, :160])['default'].numpy()
+  np.testing.assert_allclose(v1(pixels[:, :160, :160]), as_loaded,
+                             atol=1e-4 * np.abs(as_loaded).max())
+
+
+def test_a_model_that_cannot_be_frozen_runs_with_its_variables(tmp_path):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  handle = model_factory.save_counting_projection(8, 32, str(tmp_path / 'counting'))
+  embedder = load_embedder(ModelSpec('counting', handle))
+  pixels = np.full((2, 32, 32, 3), 255, np.uint8)
+  assert variable_reads(embedder)
+  first = embedder(pixels)
+  np.testing.assert_allclose(embedder(pixels), first)
+  assert first.shape == (2, 8) and np.abs(first).max() > 0
+
+
 def test_quantized_tflite_intermediate_tensor(coral_v1):
   from conftest import CORAL_V1_FEATURES  # pylint: disable=import-outside-toplevel
   embedder = load_embedder(ModelSpec('v1', coral_v1, tensor=CORAL_V1_FEATURES))
