@@ -333,7 +333,7 @@ def sort_completed(record, model_names, done):
   """ImageRecord -> the record itself when some model still has to embed it,
   (RESUMED or CHANGED, model, key) tagged FOUND_TAG for every model with a row of its
   key, and (key, (uri, sha256 or None)) tagged READ_TAG. Only inputs found embedded are
-  hashed here."""
+  hashed here; the record passed on carries the digest."""
   found = found_rows(record.key, done)
   current = content_sha256(record.data) if found else None
   yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, (record.uri, current)))
@@ -344,7 +344,7 @@ def sort_completed(record, model_names, done):
       up_to_date.add(model)
     yield beam.pvalue.TaggedOutput(FOUND_TAG, (status, model, record.key))
   if not set(model_names) <= up_to_date:
-    yield record
+    yield record._replace(sha256=current)  # the decode stage needs it too
 
 
 def rows_to_update(key_and_joined, covered_by_inputs, root):

@@ -21,6 +21,7 @@ class ImageRecord(NamedTuple):
   data: bytes
   label: Optional[str] = None
   metadata: Optional[str] = None  # JSON text of whatever else the source carries
+  sha256: Optional[str] = None  # content_sha256 of data, once a stage has computed it
 
 
 class DecodedImage(NamedTuple):

@@ -17,8 +17,10 @@ import pytest
 import imagegen
 import run_pipeline
 from conftest import IN_PROCESS, PROJECT
-from pipeline import runners
+from pipeline import resume, runners
 from schemas import outputs
+from schemas.records import content_sha256
+from transforms import decode
 
 IMAGES = 24
 MODELS = ('v1', 'v3')
@@ -120,7 +122,15 @@ def test_unfinished_run_is_refused_and_overwrite_starts_again(tmp_path, uninterr
 
 
 def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, inputs,
-                                                      test_models):
+                                                      test_models, monkeypatch):
+  hashed = []
+
+  def counting_sha256(data):
+    hashed.append(len(data))
+    return content_sha256(data)
+
+  for module in (resume, decode):
+    monkeypatch.setattr(module, 'content_sha256', counting_sha256)
   out = tmp_path / 'out'
   shutil.copytree(uninterrupted, out)
   # As if the run was killed after v1's parts were final but before v3's: no manifest,
@@ -145,6 +155,9 @@ def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, i
   assert not rewritten.exists()
   counts = manifest_counts(out)['models']
   assert counts['v1']['resumed'] == IMAGES and counts['v3']['resumed'] == 0
+  # Every input found embedded by v1 is hashed to compare, and that digest is reused
+  # when v3 decodes it (the broken input has no row and fails to decode: no digest).
+  assert len(hashed) == IMAGES
 
 
 def test_resume_of_a_completed_run_adds_new_inputs(tmp_path, uninterrupted, inputs,

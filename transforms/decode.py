@@ -173,7 +173,7 @@ def decode_record(record: ImageRecord, sizes, max_pixels=MAX_IMAGE_PIXELS):
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(record.key, record.uri, STAGE_DECODE, e)
   return DecodedImage(key=record.key, uri=record.uri, width=width, height=height,
-                      sha256=content_sha256(record.data), pixels=pixels,
+                      sha256=record.sha256 or content_sha256(record.data), pixels=pixels,
                       label=record.label, metadata=record.metadata)
 
 
