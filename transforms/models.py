@@ -227,10 +227,10 @@ def frozen_call(call, height, width):
   """`call` on float32 [N, height, width, 3] with the model's variables made constants.
 
   Constant weights let TensorFlow's graph optimizer fold batch normalization into the
-  convolutions, which it cannot do through variables: the seed architectures ran 20-35%
+  convolutions, which it cannot do through variables: the seed architectures ran 26-37%
   faster per core here (see README, Performance). Freezing is only a speed-up, so a
-  model it fails on (a graph over protobuf's 2 GB, ops it does not know) keeps its
-  plain call.
+  model it fails on (a call that updates its own variables, a graph over protobuf's
+  2 GB) keeps its plain call.
   """
   tf = import_tensorflow()
   from tensorflow.python.framework.convert_to_constants import (  # pylint: disable=import-outside-toplevel
