@@ -88,7 +88,8 @@ def spec_of(model_entry):
   return ModelSpec(name=model_entry['name'], handle=model_entry['handle'],
                    tensor=model_entry.get('tensor'),
                    input_size=tuple(model_entry['input_size']), dim=model_entry['dim'],
-                   model_format=model_entry.get('format'))
+                   model_format=model_entry.get('format'),
+                   freeze_weights=model_entry.get('freeze_weights', True))
 
 
 def check_same_model(embedder, spec, run_dir):

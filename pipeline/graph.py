@@ -100,7 +100,8 @@ def build_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):
 def model_record(spec):
   """A probed model as the manifest describes it."""
   return {'name': spec.name, 'handle': spec.handle, 'tensor': spec.tensor,
-          'format': spec.model_format, 'input_size': list(spec.input_size), 'dim': spec.dim}
+          'format': spec.model_format, 'input_size': list(spec.input_size), 'dim': spec.dim,
+          'freeze_weights': spec.freeze_weights}
 
 
 def write_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):

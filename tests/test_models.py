@@ -88,6 +88,19 @@ def test_saved_models_run_frozen_and_answer_as_loaded(test_models):
                              atol=1e-4 * np.abs(as_loaded).max())
 
 
+def test_weights_left_as_loaded_when_asked(test_models):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+  spec = ModelSpec('v3_tf2', test_models['v3_tf2'], freeze_weights=False)
+  embedder = load_embedder(spec)
+  assert variable_reads(embedder)
+  as_loaded = tf.saved_model.load(test_models['v3_tf2'])(
+      tf.constant(pixels, tf.float32) / 255.0).numpy()
+  np.testing.assert_allclose(embedder(pixels), as_loaded, atol=1e-4 * np.abs(as_loaded).max())
+  # The probe loads the model the way the workers will.
+  assert probe_model(spec).freeze_weights is False
+
+
 def test_a_model_that_cannot_be_frozen_runs_with_its_variables(tmp_path):
   import model_factory  # pylint: disable=import-outside-toplevel
   handle = model_factory.save_counting_projection(8, 32, str(tmp_path / 'counting'))

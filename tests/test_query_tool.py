@@ -18,7 +18,7 @@ ODD_NAME = '<b>odd & "name".jpg'
 @pytest.fixture(scope='module')
 def query_run(tmp_path_factory, photo_tree, test_models):
   """A run of the v3 test model over the photo tree plus an exact copy, a re-encoded copy
-  and a file whose name is HTML markup."""
+  and a file whose name is HTML markup; its weights not frozen (the other runs' are)."""
   root, paths, _ = photo_tree
   shutil.copy(paths[0], root / 'boats' / 'copy_of_000.jpg')
   (root / 'boats' / 'requality_000.jpg').write_bytes(
@@ -27,8 +27,16 @@ def query_run(tmp_path_factory, photo_tree, test_models):
   out = tmp_path_factory.mktemp('query_run') / 'out'
   run_pipeline.main(['--input', str(root / '**' / '*.jpg'), '--input', str(root / '**' / '*.png'),
                      '--output', str(out), '--batch_size', '4',
-                     '--model', 'v3=' + test_models['v3_tf2'], '--no_report', *IN_PROCESS])
+                     '--model', 'v3=' + test_models['v3_tf2'], '--no_report', '--no_freeze_weights',
+                     *IN_PROCESS])
   return out, root, paths
+
+
+def test_queries_load_the_model_as_the_run_did(query_run):
+  out, _, _ = query_run
+  entry = json.loads((out / 'manifest.json').read_text())['models'][0]
+  assert entry['freeze_weights'] is False
+  assert query_index.spec_of(entry).freeze_weights is False
 
 
 def test_images_from_file_equals_image_flags(query_run, tmp_path, capsys):

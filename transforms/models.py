@@ -46,6 +46,9 @@ class ModelSpec(NamedTuple):
   # Filled in by probing: the first outputs for probe_picture(), which tell this model's
   # weights from another's of the same shape (see same_response).
   response: Optional[Tuple[float, ...]] = None
+  # SavedModels: run with the variables made constants (faster, about twice the memory
+  # per worker); False keeps the model as loaded (--no_freeze_weights).
+  freeze_weights: bool = True
 
 
 def is_hub_url(handle):
@@ -250,7 +253,7 @@ def frozen_call(call, height, width):
 class TensorFlowEmbedder:
   """A SavedModel (TF2 callable or TF1 Hub signature) behind a traced uint8 -> float32 call."""
 
-  def __init__(self, directory, model_format, input_size):
+  def __init__(self, directory, model_format, input_size, freeze_weights=True):
     tf = import_tensorflow()
     self.model_format = model_format
     if model_format == FORMAT_TF1_HUB:
@@ -271,7 +274,7 @@ class TensorFlowEmbedder:
         call = lambda images: next(iter(signature(**{input_name: images}).values()))
     self.input_size = tuple(input_size or _fixed_size(declared) or DEFAULT_INPUT_SIZE)
     height, width = self.input_size
-    model_call = frozen_call(call, height, width)
+    model_call = frozen_call(call, height, width) if freeze_weights else call
     # A call left unfrozen needs the loaded object alive (its functions hold only weak
     # references to its variables); a frozen one holds its own weights.
     self._loaded = loaded if model_call is call else None
@@ -381,7 +384,7 @@ def load_embedder(spec: ModelSpec, num_threads=None):
           '#%s: a feature tensor can only be named for a .tflite model' % spec.tensor)
     directory = saved_model_directory(handle)
     model_format = saved_model_format(directory)
-    return TensorFlowEmbedder(directory, model_format, spec.input_size)
+    return TensorFlowEmbedder(directory, model_format, spec.input_size, spec.freeze_weights)
   except ModelUnavailableError:
     raise
   except Exception as e:  # pylint: disable=broad-except
