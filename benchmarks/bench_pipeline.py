@@ -3,8 +3,9 @@
 For each seed model (random weights, real architecture, TF Hub format) it measures, in one
 invocation: the model-only ceiling (the better of one process with TensorFlow's default
 threads and one single-threaded process per core, summed; best batch size), decode-only
-images/s, run_pipeline.py end to end with its default local settings, and the tf.data
-baseline. End-to-end rates exclude start-up: each job runs over the image set and over
+images/s, the loop bound (the same per-core processes decoding the images with the
+pipeline's decode before each model call: no Beam, reading or writing),
+run_pipeline.py end to end with its default local settings, and the tf.data baseline. End-to-end rates exclude start-up: each job runs over the image set and over
 the set repeated four times, and the rate is the extra images over the extra time.
 Prints a table and JSON.
 
@@ -157,16 +158,37 @@ def ceiling(name, handle, seconds, batch_sizes):
             '--batch_size', str(batch_size), '--seconds', str(seconds)]
     one = json.loads(subprocess.run(base, capture_output=True, check=True,
                                     text=True).stdout.strip().splitlines()[-1])
-    start_at = time.time() + 15  # time for every process to load before measuring
-    processes = [subprocess.Popen(base + ['--threads', '1', '--start_at', str(start_at)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                  text=True) for _ in range(os.cpu_count())]
-    per_core = sum(json.loads(p.communicate()[0].strip().splitlines()[-1])
-                   ['images_per_second'] for p in processes)
     results[batch_size] = {'one_process_default_threads': one['images_per_second'],
-                           'one_process_per_core': per_core}
+                           'one_process_per_core': per_core_rate(base)}
   best_batch = max(results, key=lambda b: max(results[b].values()))
   return max(results[best_batch].values()), best_batch, results
+
+
+def per_core_rate(command, parts=None):
+  """Images/s summed over one single-threaded model_ceiling.py process per core, measured
+  together; `parts`: each process is told its share of the images (--part I/N)."""
+  start_at = time.time() + 15  # time for every process to load before measuring
+  cores = os.cpu_count()
+  processes = [subprocess.Popen(
+      command + ['--threads', '1', '--start_at', str(start_at)]
+      + (['--part', '%d/%d' % (core, cores)] if parts else []),
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for core in range(cores)]
+  return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])['images_per_second']
+             for p in processes)
+
+
+def loop_bound(name, handle, files, seconds, workdir):
+  """Images/s of a plain loop without Beam: per core, one process decoding its share of
+  the set (held in memory) with the pipeline's decode and calling the model on batches of
+  the pipeline's default size. What the pipeline could reach with no overhead at all."""
+  from transforms.embed import DEFAULT_BATCH_SIZE  # pylint: disable=import-outside-toplevel
+  listing = os.path.join(workdir, 'decode_list.txt')
+  with open(listing, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(files))
+  return per_core_rate(
+      [sys.executable, os.path.join(HERE, 'model_ceiling.py'), '--model',
+       '%s=%s' % (name, handle), '--batch_size', str(DEFAULT_BATCH_SIZE),
+       '--seconds', str(seconds), '--decode_list', listing], parts=True)
 
 
 def decode_rate(files, size):
@@ -268,8 +290,11 @@ def run(args, workdir):
     rates, peak, seconds = marginal_rates(pipeline_command, patterns, len(files), workdir,
                                           args.repeats)
     pipeline = rates['1x_to_4x']
+    loop = loop_bound(name, handle, files, args.ceiling_seconds, workdir)
     figures = {'ceiling': best, 'ceiling_batch_size': best_batch, 'ceiling_by_batch': by_batch,
-               'decode_only': decode_rate(files, size), 'pipeline': pipeline,
+               'decode_only': decode_rate(files, size), 'loop_bound': loop,
+               'loop_over_ceiling': loop / best, 'pipeline_over_loop': pipeline / loop,
+               'pipeline': pipeline,
                'pipeline_rates': rates, 'pipeline_seconds': seconds,
                'pipeline_peak_memory_gb': peak / 2**30,
                'pipeline_over_ceiling': pipeline / best,
@@ -293,12 +318,13 @@ def run(args, workdir):
 
   print('%s, %d images, %d cores; images/s (end to end excludes start-up)'
         % (dataset, len(files), os.cpu_count()))
-  print('%-28s %8s %8s %9s %9s %9s %9s %9s %11s %9s' % (
-      'model', 'ceiling', 'decode', 'pipeline', 'baseline', 'pipe/ceil', 'pipe/base',
-      'p/b best', 'peak GB p/b', 'flat 4/2x'))
+  print('%-28s %8s %8s %8s %9s %9s %9s %9s %9s %9s %9s %11s %9s' % (
+      'model', 'ceiling', 'decode', 'loop', 'loop/ceil', 'pipeline', 'pipe/loop', 'baseline',
+      'pipe/ceil', 'pipe/base', 'p/b best', 'peak GB p/b', 'flat 4/2x'))
   for name, f in report['models'].items():
-    print('%-28s %8.1f %8.1f %9.1f %9s %9.2f %9s %9s %11s %9s' % (
-        name, f['ceiling'], f['decode_only'], f['pipeline'],
+    print('%-28s %8.1f %8.1f %8.1f %9.2f %9.1f %9.2f %9s %9.2f %9s %9s %11s %9s' % (
+        name, f['ceiling'], f['decode_only'], f['loop_bound'], f['loop_over_ceiling'],
+        f['pipeline'], f['pipeline_over_loop'],
         '%.1f' % f['baseline'] if 'baseline' in f else '-', f['pipeline_over_ceiling'],
         '%.2f' % f['pipeline_over_baseline'] if 'baseline' in f else '-',
         '%.2f' % f['pipeline_over_baseline_best_runs'] if 'baseline' in f else '-',
