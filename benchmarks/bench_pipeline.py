@@ -4,10 +4,10 @@ For each seed model (random weights, real architecture, TF Hub format) it measur
 invocation: the model-only ceiling (the better of one process with TensorFlow's default
 threads and one single-threaded process per core, summed; best batch size), decode-only
 images/s, the loop bound (the same per-core processes decoding the images with the
-pipeline's decode before each model call: no Beam, reading or writing),
-run_pipeline.py end to end with its default local settings, and the tf.data baseline. End-to-end rates exclude start-up: each job runs over the image set and over
-the set repeated four times, and the rate is the extra images over the extra time.
-Prints a table and JSON.
+pipeline's decode before each model call: no Beam, reading or writing), run_pipeline.py
+end to end with its default local settings, and the tf.data baseline. End-to-end rates
+exclude start-up: each job runs over the image set and over the set repeated four
+times, and the rate is the extra images over the extra time. Prints a table and JSON.
 
   python benchmarks/bench_pipeline.py                 # caltech101-25 (or generated photos)
   python benchmarks/bench_pipeline.py --large         # generated 3000x2000 JPEGs
@@ -164,14 +164,14 @@ def ceiling(name, handle, seconds, batch_sizes):
   return max(results[best_batch].values()), best_batch, results
 
 
-def per_core_rate(command, parts=None):
+def per_core_rate(command, share_images=False):
   """Images/s summed over one single-threaded model_ceiling.py process per core, measured
-  together; `parts`: each process is told its share of the images (--part I/N)."""
+  together; with share_images, each process decodes its share of them (--part I/N)."""
   start_at = time.time() + 15  # time for every process to load before measuring
   cores = os.cpu_count()
   processes = [subprocess.Popen(
       command + ['--threads', '1', '--start_at', str(start_at)]
-      + (['--part', '%d/%d' % (core, cores)] if parts else []),
+      + (['--part', '%d/%d' % (core, cores)] if share_images else []),
       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for core in range(cores)]
   return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])['images_per_second']
              for p in processes)
@@ -188,7 +188,7 @@ def loop_bound(name, handle, files, seconds, workdir):
   return per_core_rate(
       [sys.executable, os.path.join(HERE, 'model_ceiling.py'), '--model',
        '%s=%s' % (name, handle), '--batch_size', str(DEFAULT_BATCH_SIZE),
-       '--seconds', str(seconds), '--decode_list', listing], parts=True)
+       '--seconds', str(seconds), '--decode_list', listing], share_images=True)
 
 
 def decode_rate(files, size):
