@@ -30,6 +30,8 @@ sys.path.insert(0, PROJECT)
 sys.path.insert(0, os.path.join(PROJECT, 'tests'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from benchmarks.model_ceiling import read_encoded  # pylint: disable=wrong-import-position
+
 CALTECH = os.path.join(os.path.dirname(PROJECT), 'shared', 'datasets', 'caltech101-25')
 SEED_SIZES = {'mobilenet_v1_050_160': 160, 'mobilenet_v2_130_224': 224,
               'mobilenet_v3_small_100_224': 224}
@@ -193,10 +195,7 @@ def loop_bound(name, handle, files, seconds, workdir):
 
 def decode_rate(files, size):
   from transforms.decode import decode_image  # pylint: disable=import-outside-toplevel
-  blobs = []
-  for path in files:
-    with open(path, 'rb') as f:
-      blobs.append(f.read())
+  blobs = read_encoded(files)
   started = time.perf_counter()
   for blob in blobs:
     decode_image(blob, [(size, size)])
