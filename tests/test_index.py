@@ -156,6 +156,41 @@ def test_exact_index_finds_the_true_neighbours(tmp_path):
   assert not index_stage.is_exact(faiss.index_factory(32, 'HNSW16'))
 
 
+def test_latency_timing_ends_once_its_time_is_spent():
+  index = faiss.IndexFlatIP(8)
+  index.add(index_stage.normalize(np.random.default_rng(7).normal(size=(100, 8))))
+  queries = index_stage.normalize(np.random.default_rng(8).normal(size=(60, 8)))
+  assert len(index_stage.time_single_queries(index, queries)) == 60
+  # With no time to spend, it still times the minimum a median and tail need.
+  spent = index_stage.time_single_queries(index, queries, seconds=0)
+  assert len(spent) == index_stage.MIN_LATENCY_QUERIES
+  assert all(t > 0 for t in spent)
+  summary = index_stage.latency_summary(spent)
+  assert 0 < summary['median'] <= summary['p99']
+
+
+def test_exact_index_plan_reads_no_vectors(tmp_path, monkeypatch):
+  # An exact index needs no queries planned (recall 1 by construction), so its plan reads
+  # the keys alone; its latency is timed on stored vectors, which find themselves.
+  write_synthetic_run(str(tmp_path), 500, 16, parts=2, seed=9)
+  paths = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), MODEL_NAME))
+  reads = []
+  real_batches = index_stage.iter_embedding_batches
+  monkeypatch.setattr(index_stage, 'iter_embedding_batches',
+                      lambda *args, **kwargs: reads.append(args[0]) or real_batches(
+                          *args, **kwargs))
+  plan, index = index_stage.plan_index(str(tmp_path), MODEL_NAME, paths, 'Flat')
+  assert plan.exact and len(plan.queries) == 0 and not reads
+  _, hnsw = index_stage.plan_index(str(tmp_path), MODEL_NAME, paths, 'HNSW16')
+  assert reads  # the same files do hold vectors to read for a non-exact index
+  index_stage.fill_index(index, plan, range(len(plan.files)))
+  sample = index_stage.stored_vectors_sample(index, 50)
+  assert sample.shape == (50, 16) and len({row.tobytes() for row in sample}) == 50
+  scores, _ = index.search(sample, 1)
+  np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+  assert index_stage.stored_vectors_sample(index, 900).shape == (500, 16)
+
+
 def test_local_index_is_memory_mapped(tmp_path):
   vectors = index_stage.normalize(np.random.default_rng(4).normal(size=(50, 8)))
   index = faiss.IndexFlatIP(8)
