@@ -241,7 +241,9 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--large', action='store_true',
                       help='generated camera-sized 3000x2000 JPEGs instead of caltech101-25')
-  parser.add_argument('--models', nargs='*', default=sorted(SEED_SIZES))
+  parser.add_argument('--models', nargs='*', default=sorted(SEED_SIZES),
+                      choices=sorted(SEED_SIZES), metavar='MODEL',
+                      help='seed models to measure (default: all): %(choices)s')
   parser.add_argument('--limit', type=int, default=None, help='use only the first N images')
   parser.add_argument('--repeats', type=int, default=2, help='runs per measurement (median)')
   parser.add_argument('--ceiling_seconds', type=float, default=10.0)
