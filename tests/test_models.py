@@ -1,12 +1,15 @@
 """Model loading: registry grammar, each format's loader, hub downloads that fail fast."""
 
+import gc
 import http.server
+import importlib.util
 import io
 import os
 import subprocess
 import sys
 import tarfile
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from conftest import PROJECT
 from pipeline.registry import ModelSpecError, parse_model_spec, parse_model_specs
 from transforms import models
+from transforms.embed import SDK_WORKER_MAIN, EmbeddingModelHandler
 from transforms.models import ModelSpec, ModelUnavailableError, load_embedder, probe_model
 
 
@@ -99,6 +103,35 @@ def test_weights_left_as_loaded_when_asked(test_models):
   np.testing.assert_allclose(embedder(pixels), as_loaded, atol=1e-4 * np.abs(as_loaded).max())
   # The probe loads the model the way the workers will.
   assert probe_model(spec).freeze_weights is False
+
+
+class _Cycle:
+  def __init__(self):
+    self.itself = self
+
+
+def test_worker_heap_settles_after_loading_in_sdk_workers_only(test_models, monkeypatch):
+  handler = EmbeddingModelHandler(ModelSpec('v3_tf2', test_models['v3_tf2']))
+  frozen_before = gc.get_freeze_count()
+  handler.load_model()  # in a launcher (here: pytest) the heap is left alone
+  assert gc.get_freeze_count() == frozen_before
+  # What `python -m apache_beam.runners.worker.sdk_worker_main` sets in a worker process.
+  monkeypatch.setattr(sys.modules['__main__'], '__spec__',
+                      importlib.util.find_spec(SDK_WORKER_MAIN), raising=False)
+  gc.disable()  # only the worker's own collection may free this cycle
+  garbage = _Cycle()
+  gone = weakref.ref(garbage)
+  del garbage
+  try:
+    embedder = handler.load_model()
+    # Garbage was collected first, not frozen with the rest.
+    assert gone() is None
+    assert gc.get_freeze_count() > frozen_before + 10_000
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    assert embedder(pixels).shape[0] == 2
+  finally:
+    gc.unfreeze()
+    gc.enable()
 
 
 def test_a_model_that_cannot_be_frozen_runs_with_its_variables(tmp_path):

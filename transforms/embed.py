@@ -1,6 +1,8 @@
 """Embed stage: DecodedImages -> Embeddings through Beam's RunInference, one model per worker."""
 
+import gc
 import logging
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -33,6 +35,34 @@ def configure_tensorflow_threads(intra_op_threads):
     logging.info('TensorFlow already initialized; keeping its thread pools')
 
 
+# The module a Beam SDK worker process runs as its main program, locally and on Dataflow.
+SDK_WORKER_MAIN = 'apache_beam.runners.worker.sdk_worker_main'
+
+
+def in_sdk_worker_process():
+  """Whether this process is a Beam SDK worker (not a launcher running the job itself)."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  return getattr(spec, 'name', None) == SDK_WORKER_MAIN
+
+
+def settle_worker_heap():
+  """In an SDK worker process, once a model is loaded: collects the loading's garbage,
+  then moves every remaining object to the garbage collector's permanent generation.
+
+  Such a worker holds about 480,000 objects (TensorFlow, Beam, the model), which every
+  full collection scans: one 0.25 s pause per worker in a run of 10,000 images, more in
+  longer ones, and at exit, where the local runner stops its workers one after the other
+  (0.9 s each; 0.2 s frozen). Objects made per image are still collected. Not done in a
+  launcher process, whose objects outlive the run (tests run many jobs in one process).
+  Returns whether the heap was frozen.
+  """
+  if not in_sdk_worker_process():
+    return False
+  gc.collect()
+  gc.freeze()
+  return True
+
+
 def embed_batch(images, embedder, model_name):
   """A list of DecodedImage -> a list of Embedding, through one model call.
 
@@ -55,7 +85,9 @@ class EmbeddingModelHandler(ModelHandler[DecodedImage, Embedding, object]):
 
   def load_model(self):
     configure_tensorflow_threads(self._intra_op_threads)
-    return load_embedder(self._spec, num_threads=self._intra_op_threads)
+    embedder = load_embedder(self._spec, num_threads=self._intra_op_threads)
+    settle_worker_heap()
+    return embedder
 
   def run_inference(self, batch, model, inference_args=None):
     return embed_batch(batch, model, self._spec.name)
