@@ -5,14 +5,17 @@ from apache_beam.io.parquetio import WriteToParquetBatched
 
 from schemas import outputs
 
-# Rows per Arrow table handed to the Parquet sink; each becomes one row group.
+# Rows per Arrow table handed to the Parquet sink; each becomes one row group. Batches
+# are held until full (a bundle's last one excepted): Beam's adaptive sizes, from 1 row
+# up, made groups of 1-190 rows, 22% larger files, and more to read per row.
 ROWS_PER_ROW_GROUP = 2048
 
 
 def _write_batched(rows, prefix, schema, to_table, run_tag=None):
   return (
       rows
-      | 'Batch' >> beam.BatchElements(min_batch_size=1, max_batch_size=ROWS_PER_ROW_GROUP)
+      | 'Batch' >> beam.BatchElements(min_batch_size=ROWS_PER_ROW_GROUP,
+                                      max_batch_size=ROWS_PER_ROW_GROUP)
       | 'ToArrow' >> beam.Map(to_table)
       | 'Parquet' >> WriteToParquetBatched(
           prefix, schema=schema, file_name_suffix=outputs.PARQUET_SUFFIX,

@@ -1,0 +1,54 @@
+"""Write stage: embedding and failure parts, their rows and row groups."""
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from schemas import outputs
+from schemas.records import STAGE_DECODE, DecodedImage, Embedding, FailureRecord
+from transforms.write import ROWS_PER_ROW_GROUP, WriteEmbeddings, WriteFailures
+
+DIM = 8
+
+
+def _embedding(number):
+  image = DecodedImage(key='img%05d.jpg' % number, uri='/photos/img%05d.jpg' % number,
+                       width=640, height=480, sha256='%064x' % number, pixels=None)
+  return Embedding(image=image, model='m',
+                   vector=np.full(DIM, number, dtype=np.float32))
+
+
+def _row_groups(paths):
+  return [[pq.ParquetFile(path).metadata.row_group(i).num_rows
+           for i in range(pq.ParquetFile(path).metadata.num_row_groups)] for path in paths]
+
+
+def test_parts_hold_every_row_in_full_row_groups(tmp_path):
+  count = 2 * ROWS_PER_ROW_GROUP + 500
+  options = PipelineOptions(['--direct_running_mode', 'in_memory'])
+  with beam.Pipeline(options=options) as pipeline:
+    embeddings = pipeline | 'Embeddings' >> beam.Create(
+        [_embedding(n) for n in range(count)])
+    _ = embeddings | WriteEmbeddings(str(tmp_path), 'm', DIM)
+    _ = (embeddings
+         | beam.Map(lambda e: FailureRecord(key=e.image.key, uri=e.image.uri,
+                                            stage=STAGE_DECODE, error='ValueError',
+                                            message='broken'))
+         | WriteFailures(str(tmp_path)))
+  for glob in (outputs.embeddings_glob(str(tmp_path), 'm'),
+               outputs.failures_glob(str(tmp_path))):
+    paths = outputs.matching_paths(glob)
+    table = outputs.read_parquet(paths)
+    assert sorted(table.column('key').to_pylist()) == [
+        'img%05d.jpg' % n for n in range(count)]
+    # Row groups of ROWS_PER_ROW_GROUP rows, but for each file's last one: readers pay
+    # per row group, and small ones compress worse.
+    for groups in _row_groups(paths):
+      assert all(rows == ROWS_PER_ROW_GROUP for rows in groups[:-1]), groups
+      assert 0 < groups[-1] <= ROWS_PER_ROW_GROUP
+  vectors = outputs.read_parquet(outputs.matching_paths(
+      outputs.embeddings_glob(str(tmp_path), 'm')))
+  rows = {key: vector for key, vector in zip(vectors.column('key').to_pylist(),
+                                              vectors.column('embedding').to_pylist())}
+  assert rows['img00042.jpg'] == [42.0] * DIM
