@@ -1,6 +1,7 @@
 """Index stage: the index choice, recall and tuning, files written, and one run per family."""
 
 import json
+import tracemalloc
 
 import faiss
 import numpy as np
@@ -189,6 +190,25 @@ def test_exact_index_plan_reads_no_vectors(tmp_path, monkeypatch):
   scores, _ = index.search(sample, 1)
   np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
   assert index_stage.stored_vectors_sample(index, 900).shape == (500, 16)
+
+
+def test_filling_an_exact_index_holds_its_vectors_about_once(tmp_path):
+  # Beside the index's own copy: the vectors in key order, normalized in place, and one
+  # read batch (here a file of 1,000). A 50,000 x 1280 exact index is 256 MB; each
+  # extra copy would be another 256 MB (there were two).
+  write_synthetic_run(str(tmp_path), 3000, 256, parts=3, seed=5)
+  paths = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), MODEL_NAME))
+  plan, index = index_stage.plan_index(str(tmp_path), MODEL_NAME, paths, 'Flat')
+  vector_bytes = 3000 * 256 * 4
+  tracemalloc.start()
+  try:
+    index_stage.fill_index(index, plan, range(len(plan.files)))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert index.ntotal == 3000 and peak < 1.75 * vector_bytes, peak / vector_bytes
+  stored = index.reconstruct_n(0, 3000)
+  np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, rtol=1e-5)
 
 
 def test_local_index_is_memory_mapped(tmp_path):

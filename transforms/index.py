@@ -151,9 +151,16 @@ def normalize(vectors):
   """L2-normalized float32 copy: inner product on these is cosine similarity. Zero
   vectors stay zero instead of becoming NaN."""
   vectors = np.array(vectors, dtype=np.float32, copy=True)
-  norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-  np.divide(vectors, norms, out=vectors, where=norms > 0)
+  normalize_in_place(vectors)
   return vectors
+
+
+def normalize_in_place(vectors):
+  """Like normalize, on a float32 array (rows, dim) that it changes."""
+  # einsum sums the squares without an intermediate array as large as the vectors: a
+  # fresh allocation of that size costs page faults that took longer than the sums.
+  norms = np.sqrt(np.einsum('ij,ij->i', vectors, vectors))[:, None]
+  np.divide(vectors, norms, out=vectors, where=norms > 0)
 
 
 def embeddings_matrix(table):
@@ -422,8 +429,9 @@ def fill_index(index, plan, file_numbers):
     # Ids are insertion numbers here: gather the vectors in key order first (these
     # index types hold every vector anyway, or are chosen only while they are few).
     ordered = np.zeros((plan.count, plan.dim), np.float32)
-    for ids, vectors in _file_batches(plan, file_numbers):
+    for ids, vectors in _file_batches(plan, file_numbers, normalized=False):
       ordered[ids] = vectors
+    normalize_in_place(ordered)  # not per batch: one array of the vectors' size, not two
     step = batch_rows(plan.dim, plan.memory_budget)
     for start in range(0, plan.count, step):
       vectors = ordered[start:start + step]
@@ -450,13 +458,16 @@ def fill_index(index, plan, file_numbers):
   return heap.D, heap.I
 
 
-def _file_batches(plan, file_numbers):
-  """(ids, normalized vectors) of the given files, in file order."""
+def _file_batches(plan, file_numbers, normalized=True):
+  """(ids, vectors) of the given files, in file order; normalized, or else as stored
+  (read-only)."""
   rows_per_batch = batch_rows(plan.dim, plan.memory_budget)
   for number in file_numbers:
     path, _, first = plan.files[number]
     for offset, batch in iter_embedding_batches(path, rows_per_batch):
-      vectors = normalize(embeddings_matrix(batch))
+      vectors = embeddings_matrix(batch)
+      if normalized:
+        vectors = normalize(vectors)
       yield plan.ranks[first + offset:first + offset + len(vectors)], vectors
     release_free_memory()
 
