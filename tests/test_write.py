@@ -52,3 +52,23 @@ def test_parts_hold_every_row_in_full_row_groups(tmp_path):
   rows = {key: vector for key, vector in zip(vectors.column('key').to_pylist(),
                                               vectors.column('embedding').to_pylist())}
   assert rows['img00042.jpg'] == [42.0] * DIM
+
+
+def test_vectors_are_written_without_a_dictionary(tmp_path):
+  # Feature vectors rarely repeat a float, so a dictionary per row group only grew the
+  # files; the string columns keep theirs (one model name for every row).
+  options = PipelineOptions(['--direct_running_mode', 'in_memory'])
+  with beam.Pipeline(options=options) as pipeline:
+    _ = (pipeline
+         | beam.Create([_embedding(n) for n in range(300)])
+         | WriteEmbeddings(str(tmp_path), 'm', DIM))
+  path, = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), 'm'))
+  metadata = pq.ParquetFile(path).metadata
+  columns = {metadata.row_group(0).column(i).path_in_schema.split('.')[0]:
+             metadata.row_group(0).column(i) for i in range(metadata.num_columns)}
+  assert not columns['embedding'].has_dictionary_page
+  assert columns['model'].has_dictionary_page and columns['key'].has_dictionary_page
+  assert columns['embedding'].compression == 'SNAPPY'
+  table = pq.read_table(path)
+  assert table.schema.equals(outputs.embeddings_schema(DIM), check_metadata=False)
+  assert table.num_rows == 300
