@@ -149,14 +149,14 @@ def read_image_list(path):
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def run_queries(run_dir, model_name=None, images=(), keys=(), k=10):
+def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=None):
   """-> a list of {'query', 'query_uri', 'neighbors': [...]}, one per query, images
-  first."""
+  first. manifest: the run's, when the caller has read it already."""
   if not images and not keys:
     raise QueryError('give at least one --image, --images_from or --key')
   if k < 1:
     raise QueryError('--k must be at least 1')
-  manifest = load_manifest(run_dir)
+  manifest = manifest or load_manifest(run_dir)
   entry = choose_model(manifest, model_name)
   vectors = []
   if images:
@@ -186,12 +186,13 @@ def _indexed_batches(run_dir, model_name, index_keys):
       yield ids, normalize(embeddings_matrix(batch))
 
 
-def find_duplicates(run_dir, model_name=None, threshold=DEFAULT_THRESHOLD, k=10):
+def find_duplicates(run_dir, model_name=None, threshold=DEFAULT_THRESHOLD, k=10,
+                    manifest=None):
   """-> groups of near-duplicate images, largest first: {'images': [{'key', 'uri'}],
   'pairs': [{'keys': [a, b], 'score'}], 'max_score'}."""
   if k < 1:
     raise QueryError('--k must be at least 1')
-  entry = choose_model(load_manifest(run_dir), model_name)
+  entry = choose_model(manifest or load_manifest(run_dir), model_name)
   index, keys, uris = load_index(run_dir, entry['name'])
   pairs = near_duplicate_pairs(index, _indexed_batches(run_dir, entry['name'], keys),
                                threshold, k)
@@ -225,12 +226,12 @@ def format_duplicates_table(groups):
   return '\n'.join(lines) if lines else 'no near-duplicates'
 
 
-def render(args, value, model_name):
+def render(args, value, model_name, manifest):
   """Results or duplicate groups -> the text of the chosen --format."""
   if args.format == 'json':
     return json.dumps(value, indent=2)
   if args.format == 'html':
-    thumbnails = html.Thumbnails(max_pixels=max_pixels_of_run(load_manifest(args.run)))
+    thumbnails = html.Thumbnails(max_pixels=max_pixels_of_run(manifest))
     if args.duplicates:
       return query_page.duplicates_page(value, args.run, model_name, args.threshold,
                                         thumbnails)
@@ -241,30 +242,34 @@ def render(args, value, model_name):
 
 
 def run_command(args):
-  """Parsed flags -> (results or duplicate groups, model name). Raises QueryError."""
+  """Parsed flags -> (results or duplicate groups, model name, the run's manifest). Raises
+  QueryError."""
+  if args.duplicates and (args.image or args.key or args.images_from):
+    raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
+                     'or --images_from')
+  # Read once: one request on Cloud Storage, and one version of a run being replaced.
+  manifest = load_manifest(args.run)
+  model_name = choose_model(manifest, args.model)['name']
   if args.duplicates:
-    if args.image or args.key or args.images_from:
-      raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
-                       'or --images_from')
-    model_name, groups = find_duplicates(args.run, args.model, args.threshold, args.k)
-    return groups, model_name
+    _, groups = find_duplicates(args.run, model_name, args.threshold, args.k, manifest)
+    return groups, model_name, manifest
   images = list(args.image)
   for path in args.images_from:
     images += read_image_list(path)
-  results = run_queries(args.run, args.model, images, args.key, args.k)
-  return results, choose_model(load_manifest(args.run), args.model)['name']
+  results = run_queries(args.run, model_name, images, args.key, args.k, manifest)
+  return results, model_name, manifest
 
 
 def main(argv=None):
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
-    value, model_name = run_command(args)
+    value, model_name, manifest = run_command(args)
   except QueryError as e:
     # One line, as run_pipeline.py's: the flags parsed, the usage would only bury it.
     print('%s: error: %s' % (parser.prog, e), file=sys.stderr)
     sys.exit(2)
-  text = render(args, value, model_name)
+  text = render(args, value, model_name, manifest)
   if args.out:
     outputs.write_bytes_atomically(args.out, text.encode('utf-8'), mime_type=(
         'text/html' if args.format == 'html' else 'text/plain'))

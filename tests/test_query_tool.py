@@ -9,6 +9,7 @@ from PIL import Image
 import imagegen
 import query_index
 import run_pipeline
+from schemas import outputs
 from browser import screenshot
 from conftest import IN_PROCESS
 
@@ -89,6 +90,27 @@ def test_html_page_shows_queries_beside_neighbours(query_run, tmp_path):
   grid = [(x, y) for x in range(20, 720, 8) for y in range(100, 500, 8)]
   coloured = [p for p in grid if max(pixels.getpixel(p)) - min(pixels.getpixel(p)) > 60]
   assert len(coloured) > 0.3 * len(grid)
+
+
+def test_a_query_reads_the_manifest_once(query_run, tmp_path, monkeypatch):
+  # Each read is a request on Cloud Storage, and a run replaced between two reads would
+  # give the page another run's image limit than the one its queries used.
+  out, root, _ = query_run
+  manifests_read = []
+  read_json = outputs.read_json
+
+  def counting_read_json(path):
+    if path.endswith(outputs.MANIFEST_FILE):
+      manifests_read.append(path)
+    return read_json(path)
+
+  monkeypatch.setattr(outputs, 'read_json', counting_read_json)
+  for flags in (['--image', str(root / 'dogs' / ODD_NAME)], ['--duplicates']):
+    manifests_read.clear()
+    query_index.main(['--run', str(out), *flags, '--k', '2', '--format', 'html',
+                      '--out', str(tmp_path / 'page.html')])
+    assert len(manifests_read) == 1, flags
+    assert '<img src="data:image/jpeg;base64,' in (tmp_path / 'page.html').read_text()
 
 
 def test_duplicates_groups_copies_only(query_run, tmp_path, capsys):
