@@ -180,16 +180,31 @@ def write_atomically(path, write, mime_type='application/octet-stream'):
   temporary = path + TEMPORARY_SUFFIX
   with FileSystems.create(temporary, mime_type=mime_type) as f:
     write(f)
+  move_into_place(temporary, path)
+
+
+def copy_into_place(source, path):
+  """Copies a finished file onto `path` atomically (on Cloud Storage without the data
+  passing through this process); returns its size in bytes."""
+  size = FileSystems.match([source])[0].metadata_list[0].size_in_bytes
+  temporary = path + TEMPORARY_SUFFIX
+  FileSystems.copy([source], [temporary])
+  move_into_place(temporary, path)
+  return size
+
+
+def move_into_place(source, path):
+  """Moves a finished file onto `path`."""
   try:
     # Replaces the target in one step where the filesystem can (a local rename, a GCS
     # copy): deleting it first would leave a moment with no file, and a finished run
     # without its manifest if the process died then.
-    FileSystems.rename([temporary], [path])
+    FileSystems.rename([source], [path])
   except Exception:  # pylint: disable=broad-except
     if not FileSystems.exists(path):
       raise
     FileSystems.delete([path])  # a filesystem that refuses to rename onto a file
-    FileSystems.rename([temporary], [path])
+    FileSystems.rename([source], [path])
 
 
 def write_json(path, value):

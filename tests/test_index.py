@@ -266,3 +266,30 @@ def test_index_only_rebuild_per_family(synthetic_run, capsys, factory, parts, re
     assert key in [n['key'] for n in result['neighbors']]
     if reaches_target:
       assert result['neighbors'][0]['key'] == key
+
+
+def test_an_exact_index_is_copied_into_place_not_written_again(synthetic_run, monkeypatch):
+  # Its one filled part is final: serializing it again through Python cost a read and a
+  # write of every vector (and an upload on Cloud Storage).
+  out = synthetic_run
+  written = []
+  write_index_file = index_stage.write_index_file
+
+  def recording_write_index_file(index, path):
+    written.append(path)
+    return write_index_file(index, path)
+
+  monkeypatch.setattr(index_stage, 'write_index_file', recording_write_index_file)
+  run_pipeline.main(['--output', str(out), '--index_only', '--index_type', 'Flat',
+                     '--no_report', *IN_PROCESS])
+  assert written and outputs.INDEX_FILE not in [path.split('/')[-1] for path in written]
+  index_path = out / MODEL_NAME / outputs.INDEX_FILE
+  info = json.loads((out / MODEL_NAME / 'index_info.json').read_text())
+  assert info['index_bytes'] == index_path.stat().st_size
+  assert sorted(p.name for p in (out / MODEL_NAME).iterdir()) == [
+      'embeddings', 'index.faiss', 'index_ids.parquet', 'index_info.json']
+  index = faiss.read_index(str(index_path))
+  assert (index.ntotal, index.d) == (3000, 32)
+  keys = ['img%09d' % i for i in (7, 2999)]
+  for key, result in zip(keys, query_index.run_queries(str(out), keys=keys, k=1)):
+    assert result['neighbors'][0]['key'] == key
