@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 import imagegen
 import run_pipeline
 from browser import screenshot
-from views import run_report
+from views import projection, run_report
 from views.projection import pca_2d, tsne_2d
 
 HOSTILE = 'x"><img src=y onerror=alert(1)>'
@@ -148,3 +149,13 @@ def test_projections_separate_two_groups():
   np.fill_diagonal(distances, np.inf)
   nearest = distances.argmin(axis=1)
   assert np.all((nearest < 30) == (np.arange(60) < 30))
+
+
+def test_planar_distances_match_the_general_ones():
+  # The t-SNE loop's own distance routine must agree with the general one it replaced.
+  points = np.random.default_rng(4).normal(0, 30, (300, 2)).astype(np.float32)
+  kernel, scratch = np.empty((300, 300), np.float32), np.empty((300, 300), np.float32)
+  planar = projection._planar_squared_distances(points, kernel, scratch)
+  assert planar is kernel and (planar >= 0).all() and (np.diag(planar) == 0).all()
+  np.testing.assert_allclose(planar, projection._squared_distances(points.astype(np.float64)),
+                             rtol=1e-4, atol=1e-2)
