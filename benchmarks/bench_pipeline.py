@@ -16,6 +16,7 @@ times, and the rate is the extra images over the extra time. Prints a table and 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,15 +88,24 @@ class PeakMemory:
     return self.peak_bytes
 
 
+def children_cpu_seconds():
+  """User + system CPU seconds of every finished child process and their waited-for
+  descendants (the pipeline's worker processes included)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def timed(command, measure_memory=False):
   """Runs a command; returns (seconds, peak memory of its process tree in bytes, or None
-  when not measured). Reading the PSS of a TensorFlow process costs the kernel tens of
-  milliseconds, so a run whose memory is measured is not timed, and the reverse."""
+  when not measured, CPU seconds of its process tree). Reading the PSS of a TensorFlow
+  process costs the kernel tens of milliseconds, so a run whose memory is measured is
+  not timed, and the reverse."""
   # Every run checks its model as a first launch does: with remembered checks, the first
   # run of a model would pay a probe (about 3 s) that the later ones skip, and the
   # marginal rate of its pair would be inflated (v1: 1574 images/s against 841-917).
   probe_cache = tempfile.mkdtemp(prefix='bench-probe-cache-')
   environment = dict(os.environ, BEAM_IMAGE_EMBEDDINGS_CACHE=probe_cache)
+  cpu_before = children_cpu_seconds()
   started = time.perf_counter()
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              cwd=PROJECT, env=environment)
@@ -105,7 +115,7 @@ def timed(command, measure_memory=False):
   shutil.rmtree(probe_cache, ignore_errors=True)
   if process.returncode != 0:
     raise RuntimeError('%s failed:\n%s' % (' '.join(command), stderr.decode()[-3000:]))
-  return time.perf_counter() - started, peak
+  return time.perf_counter() - started, peak, children_cpu_seconds() - cpu_before
 
 
 def link_copies(files, directory, copies):
@@ -210,16 +220,20 @@ def marginal_rates(make_command, patterns, count, workdir, repeats):
   `repeats`, and 'best_1x_to_4x' from the fastest run of each size: one slow 1x run
   (the tf.data baseline sometimes runs at half speed) inflates its repeat's rate.
   Also the peak memory of the largest size, in one more run (not timed: polling the
-  memory of six processes took 17% of a core, 8% of this machine)."""
+  memory of six processes took 17% of a core, 8% of this machine), and the same marginal
+  figures in CPU milliseconds per image (every process of the job, summed), which vary
+  far less than wall time on a shared machine (about 1% against 5-10%)."""
   seconds = {copies: [] for copies in patterns}
+  cpu_seconds = {copies: [] for copies in patterns}
   workdir = tempfile.mkdtemp(dir=workdir)
   for repeat in range(repeats):
     for copies, pattern in sorted(patterns.items()):
-      elapsed, _ = timed(make_command(pattern, os.path.join(
+      elapsed, _, cpu = timed(make_command(pattern, os.path.join(
           workdir, 'x%d-%d' % (copies, repeat))))
       seconds[copies].append(elapsed)
+      cpu_seconds[copies].append(cpu)
   largest = max(patterns)
-  _, peak = timed(make_command(patterns[largest], os.path.join(
+  _, peak, _ = timed(make_command(patterns[largest], os.path.join(
       workdir, 'x%d-memory' % largest)), measure_memory=True)
 
   def extra_rate(low, high, t_low, t_high):
@@ -229,11 +243,17 @@ def marginal_rates(make_command, patterns, count, workdir, repeats):
     return statistics.median(extra_rate(low, high, t_low, t_high)
                              for t_low, t_high in zip(seconds[low], seconds[high]))
 
+  def cpu_ms_per_image(low, high):
+    return statistics.median(1000 * (c_high - c_low) / ((high - low) * count)
+                             for c_low, c_high in zip(cpu_seconds[low], cpu_seconds[high]))
+
   rates = {'1x_to_4x': rate(1, 4),
            'best_1x_to_4x': extra_rate(1, 4, min(seconds[1]), min(seconds[4]))}
+  cpu_ms = {'1x_to_4x': cpu_ms_per_image(1, 4)}
   if 2 in seconds:
     rates.update({'1x_to_2x': rate(1, 2), '2x_to_4x': rate(2, 4)})
-  return rates, peak, seconds
+    cpu_ms.update({'1x_to_2x': cpu_ms_per_image(1, 2), '2x_to_4x': cpu_ms_per_image(2, 4)})
+  return rates, peak, seconds, cpu_ms
 
 
 def main():
@@ -288,8 +308,8 @@ def run(args, workdir):
       return [sys.executable, os.path.join(HERE, 'tfdata_baseline.py'), '--input', pattern,
               '--model', handle, '--size', str(size), '--output', out]
 
-    rates, peak, seconds = marginal_rates(pipeline_command, patterns, len(files), workdir,
-                                          args.repeats)
+    rates, peak, seconds, cpu_ms = marginal_rates(pipeline_command, patterns, len(files),
+                                                  workdir, args.repeats)
     pipeline = rates['1x_to_4x']
     loop = loop_bound(name, handle, files, args.ceiling_seconds, workdir)
     figures = {'ceiling': best, 'ceiling_batch_size': best_batch, 'ceiling_by_batch': by_batch,
@@ -299,16 +319,19 @@ def run(args, workdir):
                'pipeline_rates': rates, 'pipeline_seconds': seconds,
                'pipeline_peak_memory_gb': peak / 2**30,
                'pipeline_over_ceiling': pipeline / best,
-               'pipeline_best_runs': rates['best_1x_to_4x']}
+               'pipeline_best_runs': rates['best_1x_to_4x'],
+               'pipeline_cpu_ms_per_image': cpu_ms}
     if args.scaling:
       # Flat time per image: the job holds nothing per image that grows with the run.
       figures['time_per_image_4x_over_2x'] = rates['1x_to_2x'] / rates['2x_to_4x']
+      figures['cpu_per_image_4x_over_2x'] = cpu_ms['2x_to_4x'] / cpu_ms['1x_to_2x']
     if not args.skip_baseline:
-      baseline_rates, baseline_peak, baseline_seconds = marginal_rates(
+      baseline_rates, baseline_peak, baseline_seconds, baseline_cpu_ms = marginal_rates(
           baseline_command, {1: patterns[1], 4: patterns[4]}, len(files), workdir,
           args.repeats)
       baseline = baseline_rates['1x_to_4x']
       figures.update(baseline=baseline, baseline_seconds=baseline_seconds,
+                     baseline_cpu_ms_per_image=baseline_cpu_ms,
                      baseline_peak_memory_gb=baseline_peak / 2**30,
                      pipeline_over_baseline=pipeline / baseline,
                      baseline_best_runs=baseline_rates['best_1x_to_4x'],
@@ -319,11 +342,12 @@ def run(args, workdir):
 
   print('%s, %d images, %d cores; images/s (end to end excludes start-up)'
         % (dataset, len(files), os.cpu_count()))
-  print('%-28s %8s %8s %8s %9s %9s %9s %9s %9s %9s %9s %11s %9s' % (
+  print('%-28s %8s %8s %8s %9s %9s %9s %9s %9s %9s %9s %11s %9s %11s %9s' % (
       'model', 'ceiling', 'decode', 'loop', 'loop/ceil', 'pipeline', 'pipe/loop', 'baseline',
-      'pipe/ceil', 'pipe/base', 'p/b best', 'peak GB p/b', 'flat 4/2x'))
+      'pipe/ceil', 'pipe/base', 'p/b best', 'peak GB p/b', 'flat 4/2x', 'cpu ms p/b',
+      'cpu 4/2x'))
   for name, f in report['models'].items():
-    print('%-28s %8.1f %8.1f %8.1f %9.2f %9.1f %9.2f %9s %9.2f %9s %9s %11s %9s' % (
+    print('%-28s %8.1f %8.1f %8.1f %9.2f %9.1f %9.2f %9s %9.2f %9s %9s %11s %9s %11s %9s' % (
         name, f['ceiling'], f['decode_only'], f['loop_bound'], f['loop_over_ceiling'],
         f['pipeline'], f['pipeline_over_loop'],
         '%.1f' % f['baseline'] if 'baseline' in f else '-', f['pipeline_over_ceiling'],
@@ -332,7 +356,11 @@ def run(args, workdir):
         '%.1f/%s' % (f['pipeline_peak_memory_gb'], '%.1f' % f['baseline_peak_memory_gb']
                      if 'baseline' in f else '-'),
         '%.2f' % f['time_per_image_4x_over_2x'] if 'time_per_image_4x_over_2x' in f
-        else '-'))
+        else '-',
+        '%.2f/%s' % (f['pipeline_cpu_ms_per_image']['1x_to_4x'],
+                     '%.2f' % f['baseline_cpu_ms_per_image']['1x_to_4x']
+                     if 'baseline' in f else '-'),
+        '%.2f' % f['cpu_per_image_4x_over_2x'] if 'cpu_per_image_4x_over_2x' in f else '-'))
   print(json.dumps(report, indent=2))
   if args.json:
     with open(args.json, 'w') as f:
