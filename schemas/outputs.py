@@ -31,6 +31,10 @@ PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
 # Suffix of a file being written; renamed to its final name once complete.
 TEMPORARY_SUFFIX = '.tmp-writing'
 PARQUET_SUFFIX = '.parquet'
+# Columns of a part written without Parquet's dictionary encoding: the floats of a
+# feature vector rarely repeat, so the writer built a dictionary for every row group
+# only to drop it (v3_small parts: 10% larger, and 0.006 ms more per row).
+PLAIN_COLUMNS = ('embedding',)
 
 MANIFEST_FORMAT_VERSION = 1
 
@@ -228,6 +232,15 @@ def read_parquet(paths, columns=None, filters=None):
   return pa.concat_tables(tables) if tables else None
 
 
+def part_writer(sink, schema):
+  """A Parquet writer for an embeddings or failures part, whether the write stage makes
+  it or a resume rewrites it: Snappy, dictionary encoding only where values repeat, and
+  nested types named as Beam's own Parquet sink names them, so every part reads alike."""
+  return pq.ParquetWriter(
+      sink, schema, compression='snappy', use_compliant_nested_type=False,
+      use_dictionary=[name for name in schema.names if name not in PLAIN_COLUMNS])
+
+
 def update_rows(path, drop_keys=(), new_uris=None):
   """Rewrites an embeddings Parquet file without its rows whose key is in drop_keys, and
   with the uri of the rows whose key is in new_uris ({key: uri}) replaced, a row group
@@ -253,7 +266,7 @@ def update_rows(path, drop_keys=(), new_uris=None):
   def write(target):
     with FileSystems.open(path) as source:
       parquet = pq.ParquetFile(source)
-      with pq.ParquetWriter(target, parquet.schema_arrow) as writer:
+      with part_writer(target, parquet.schema_arrow) as writer:
         for group in range(parquet.num_row_groups):
           _, _, kept, uris = changes(parquet.read_row_group(group))
           uri_at = kept.schema.get_field_index('uri')

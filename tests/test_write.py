@@ -54,6 +54,18 @@ def test_parts_hold_every_row_in_full_row_groups(tmp_path):
   assert rows['img00042.jpg'] == [42.0] * DIM
 
 
+def _assert_written_as_a_part(path, rows):
+  metadata = pq.ParquetFile(path).metadata
+  columns = {metadata.row_group(0).column(i).path_in_schema.split('.')[0]:
+             metadata.row_group(0).column(i) for i in range(metadata.num_columns)}
+  assert not columns['embedding'].has_dictionary_page
+  assert columns['model'].has_dictionary_page and columns['key'].has_dictionary_page
+  assert columns['embedding'].compression == 'SNAPPY'
+  table = pq.read_table(path)
+  assert table.schema.equals(outputs.embeddings_schema(DIM), check_metadata=False)
+  assert table.num_rows == rows
+
+
 def test_vectors_are_written_without_a_dictionary(tmp_path):
   # Feature vectors rarely repeat a float, so a dictionary per row group only grew the
   # files; the string columns keep theirs (one model name for every row).
@@ -63,12 +75,9 @@ def test_vectors_are_written_without_a_dictionary(tmp_path):
          | beam.Create([_embedding(n) for n in range(300)])
          | WriteEmbeddings(str(tmp_path), 'm', DIM))
   path, = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), 'm'))
-  metadata = pq.ParquetFile(path).metadata
-  columns = {metadata.row_group(0).column(i).path_in_schema.split('.')[0]:
-             metadata.row_group(0).column(i) for i in range(metadata.num_columns)}
-  assert not columns['embedding'].has_dictionary_page
-  assert columns['model'].has_dictionary_page and columns['key'].has_dictionary_page
-  assert columns['embedding'].compression == 'SNAPPY'
-  table = pq.read_table(path)
-  assert table.schema.equals(outputs.embeddings_schema(DIM), check_metadata=False)
-  assert table.num_rows == 300
+  _assert_written_as_a_part(path, 300)
+  # A resume that drops rows rewrites the part as the write stage wrote it.
+  schema = pq.read_schema(path)
+  assert outputs.update_rows(path, ['img00007.jpg']) == (1, 0)
+  _assert_written_as_a_part(path, 299)
+  assert pq.read_schema(path).equals(schema, check_metadata=True)
