@@ -129,12 +129,12 @@ def link_copies(files, directory, copies):
   return os.path.join(directory, 'copy*', '*')
 
 
-def camera_like(image, seed):
+def camera_like(image, seed, grain_sigma=10):
   """A generated photo with sensor-like grain: smooth shapes alone make a 3000x2000 JPEG
   of 0.2 MB that decodes several times faster than a camera's 2-4 MB."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  grain = np.random.default_rng(seed).normal(0, 10, (image.height, image.width, 3))
+  grain = np.random.default_rng(seed).normal(0, grain_sigma, (image.height, image.width, 3))
   return Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
 
 

@@ -26,13 +26,18 @@ def load_model(handle):
     return tf.saved_model.load(handle)
 
 
+def preprocess(encoded, size):
+  """Encoded image bytes -> the model's float input: a full decode, a plain resize."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return tf.image.resize(image, (size, size)) / 255.0
+
+
 def run(pattern, handle, size, output, batch_size=64):
   files = sorted(glob.glob(pattern, recursive=True))
   model = load_model(handle)
 
   def load(path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return path, tf.image.resize(image, (size, size)) / 255.0
+    return path, preprocess(tf.io.read_file(path), size)
 
   dataset = (tf.data.Dataset.from_tensor_slices(files)
              .map(load, num_parallel_calls=tf.data.AUTOTUNE)
