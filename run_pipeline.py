@@ -78,6 +78,9 @@ def run_job(argv, launch):
     config = make_config(args, probe_in_subprocess=workers_elsewhere)
   except UsageError as e:
     parser.error(str(e))  # one line and exit status 2
+  for spec in config.models:
+    if spec.output_note:  # said before any work, while a long run is still cheap to stop
+      print('run_pipeline.py: note: ' + spec.output_note, file=sys.stderr, flush=True)
   config = config._replace(
       options=dict(config.options, beam=runners.beam_options_record(pipeline_options)),
       intra_op_threads=(config.intra_op_threads or

@@ -12,7 +12,7 @@ from transforms.models import hub_cache_target, is_hub_url, probe_models
 
 CACHE_ENV = 'BEAM_IMAGE_EMBEDDINGS_CACHE'
 # Bumped when what a probe finds, or how it is stored, changes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def cache_dir():
@@ -82,8 +82,8 @@ def _remember(key, probed):
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.tmp', delete=False) as f:
       json.dump({'input_size': list(probed.input_size), 'dim': probed.dim,
-                 'model_format': probed.model_format, 'response': list(probed.response)},
-                f)
+                 'model_format': probed.model_format, 'response': list(probed.response),
+                 'output_note': probed.output_note}, f)
     os.replace(f.name, _entry_path(key))
   except OSError:
     pass  # an unwritable cache only costs the next run its probe
@@ -101,7 +101,8 @@ def probe_models_remembered(specs, in_subprocess=False):
     if entry:
       found[number] = spec._replace(input_size=tuple(entry['input_size']), dim=entry['dim'],
                                     model_format=entry['model_format'],
-                                    response=tuple(entry['response']))
+                                    response=tuple(entry['response']),
+                                    output_note=entry['output_note'])
   missing = [number for number in range(len(specs)) if number not in found]
   if missing:
     for number, probed in zip(missing, probe_models([specs[n] for n in missing],

@@ -132,6 +132,19 @@ def save_tflite(model, size, path):
   return path
 
 
+def save_tflite_classifier(path, size=32, channels=12, classes=10):
+  """A small float TFLite image classifier ending as MobileNets do: convolution, global
+  average pooling (the features, `channels` of them), dense layer, softmax."""
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((size, size, 3))
+  features = keras.layers.GlobalAveragePooling2D(name='features')(
+      keras.layers.Conv2D(channels, 3, activation='relu')(inputs))
+  outputs = keras.layers.Dense(classes, activation='softmax')(features)
+  with open(path, 'wb') as f:
+    f.write(tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, outputs)).convert())
+  return path
+
+
 class _Projection(tf.Module):
   """The smallest model with a seed model's interface: mean colour, projected."""
 

@@ -46,6 +46,19 @@ def test_hub_download_failure_says_how_to_use_a_local_copy(one_photo):
   assert not (one_photo / 'out').exists()
 
 
+def test_a_classifier_model_is_noted_before_the_run(one_photo, tmp_path):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  handle = model_factory.save_tflite_classifier(str(tmp_path / 'classifier.tflite'))
+  result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
+                   '--model', 'c=%s' % handle, '--no_report',
+                   '--direct_running_mode', 'in_memory', '--progress_seconds', '0')
+  assert result.returncode == 0, result.stderr
+  notes = [l for l in result.stderr.splitlines() if l.startswith('run_pipeline.py: note:')]
+  assert len(notes) == 1 and "class probabilities" in notes[0], result.stderr
+  assert "--model 'c=%s#" % handle in notes[0]
+  assert (one_photo / 'out' / 'manifest.json').exists()  # a note, not a stop
+
+
 def test_pattern_matching_nothing(one_photo):
   result = run_cli('--input', str(one_photo / '*.png'), '--output', str(one_photo / 'out'))
   assert result.returncode == 2

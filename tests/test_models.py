@@ -157,6 +157,42 @@ def test_quantized_tflite_intermediate_tensor(coral_v1):
     load_embedder(ModelSpec('v1', coral_v1, tensor='no/such/tensor'))
 
 
+def suggested_tensor(note):
+  """The tensor a classifier note tells the user to pass (--model 'NAME=FILE#TENSOR')."""
+  return note.rsplit('#', 1)[1].rstrip("'")
+
+
+def test_a_tflite_classifier_gets_a_note_naming_its_features(tmp_path):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  handle = model_factory.save_tflite_classifier(str(tmp_path / 'classifier.tflite'),
+                                                channels=12, classes=10)
+  probed = probe_model(ModelSpec('c', handle))
+  assert probed.dim == 10
+  assert "its output (10 values, from SOFTMAX) is a classifier's class probabilities" in (
+      probed.output_note)
+  assert "--model 'c=%s#" % handle in probed.output_note
+  # The suggestion works as given: the pooled features, with nothing more to say.
+  features = probe_model(ModelSpec('c', handle, tensor=suggested_tensor(probed.output_note)))
+  assert features.dim == 12 and features.output_note is None
+
+
+def test_the_real_coral_classifier_note_names_its_pooled_features(coral_v1):
+  from conftest import CORAL_V1_FEATURES  # pylint: disable=import-outside-toplevel
+  probed = probe_model(ModelSpec('v1', coral_v1))
+  assert probed.dim == 1001 and suggested_tensor(probed.output_note) == CORAL_V1_FEATURES
+  assert probe_model(ModelSpec('v1', coral_v1, tensor=CORAL_V1_FEATURES)).output_note is None
+
+
+def test_imagenet_sized_outputs_get_a_note_and_feature_models_none(tmp_path, test_models):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  scores = probe_model(ModelSpec('s', model_factory.save_projection(
+      1001, 32, str(tmp_path / 'scores'))))
+  assert "its output has 1001 values, as an ImageNet classifier's" in scores.output_note
+  assert 'feature_vector' in scores.output_note
+  for name in ('v3_tf2', 'v1_tf1', 'v2_tflite'):  # the seed models' features
+    assert probe_model(ModelSpec(name, test_models[name])).output_note is None
+
+
 def test_tensor_suffix_only_for_tflite(test_models):
   with pytest.raises(ModelUnavailableError, match='only be named for a .tflite'):
     load_embedder(ModelSpec('x', test_models['v3_tf2'], tensor='a'))

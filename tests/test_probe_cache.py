@@ -52,6 +52,16 @@ def test_each_model_file_and_tflite_file_is_keyed_apart(counted_probes, test_mod
   assert counted_probes == ['v1', 'v2', 'other']
 
 
+def test_a_remembered_probe_keeps_its_output_note(counted_probes, tmp_path):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  spec = ModelSpec(name='c', handle=model_factory.save_tflite_classifier(
+      str(tmp_path / 'classifier.tflite')))
+  first = probe_cache.probe_models_remembered([spec])
+  again = probe_cache.probe_models_remembered([spec])
+  assert counted_probes == ['c']
+  assert first[0].output_note and again[0].output_note == first[0].output_note
+
+
 def test_a_failed_probe_is_not_remembered(counted_probes, tmp_path):
   broken = tmp_path / 'broken'
   broken.mkdir()

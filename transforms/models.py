@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -49,6 +50,9 @@ class ModelSpec(NamedTuple):
   # SavedModels: run with the variables made constants (faster, about twice the memory
   # per worker); False keeps the model as loaded (--no_freeze_weights).
   freeze_weights: bool = True
+  # Filled in by probing: why the output looks like class scores rather than features,
+  # and what to pass instead (see classifier_note); the launcher prints it.
+  output_note: Optional[str] = None
 
 
 def is_hub_url(handle):
@@ -300,6 +304,14 @@ def _declared_call_shape(loaded):
   return None
 
 
+# Ops whose output is class probabilities, and the pooling that a classifier head reads
+# (MobileNets: AVERAGE_POOL_2D in TF-Slim conversions, MEAN from Keras' global pooling).
+CLASSIFIER_OPS = ('SOFTMAX', 'LOGISTIC')
+POOLING_OPS = ('AVERAGE_POOL_2D', 'MEAN')
+HEAD_OPS_SEARCHED = 8  # a classifier head is a few ops: conv or dense, reshape, softmax
+IMAGENET_CLASS_COUNTS = (1000, 1001)  # ImageNet classifiers, without and with background
+
+
 class TFLiteEmbedder:
   """A .tflite model on the LiteRT interpreter, with its own input quantization and a
   dequantized float32 output (the model output, or the named intermediate tensor)."""
@@ -308,6 +320,7 @@ class TFLiteEmbedder:
 
   def __init__(self, model_bytes, tensor=None, num_threads=None):
     from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+    self._model_bytes = model_bytes
     with warnings.catch_warnings(), stderr_without(LITERT_DELEGATE_NOISE):
       # Keeping intermediate tensors readable is the point when a tensor is named.
       warnings.simplefilter('ignore', UserWarning)
@@ -323,11 +336,41 @@ class TFLiteEmbedder:
       if not matches:
         raise ModelUnavailableError('the TFLite model has no tensor named %r' % tensor)
       self._output = matches[0]
+    self._tensor_named = tensor is not None
     self._dynamic_batch = self._input['shape_signature'][0] == -1
     self._batch = int(self._input['shape'][0])
     self.input_size = (int(self._input['shape'][1]), int(self._input['shape'][2]))
     with stderr_without(LITERT_DELEGATE_NOISE):
       self._interpreter.allocate_tensors()
+
+  def classifier_head(self):
+    """(op, pooled tensor name or None) when the output taken is a classifier's class
+    probabilities, from a CLASSIFIER_OPS op; the pooled tensor is the one its head reads,
+    the image features. None for any other output."""
+    if self._tensor_named:
+      return None
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # pylint: disable=import-outside-toplevel
+    try:
+      # The model's own ops: the running interpreter's delegate fuses them into one.
+      graph = Interpreter(model_content=self._model_bytes, experimental_op_resolver_type=(
+          OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+      # Private, but the interpreter's only listing of ops: without it, no note.
+      ops = graph._get_ops_details()  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+      return None
+    producers = {int(output): op for op in ops for output in op['outputs']}
+    names = {t['index']: t['name'] for t in graph.get_tensor_details()}
+    last = producers.get(int(self._output['index']))
+    if last is None or last['op_name'] not in CLASSIFIER_OPS:
+      return None
+    op = last
+    for _ in range(HEAD_OPS_SEARCHED):
+      op = producers.get(int(op['inputs'][0])) if len(op['inputs']) else None
+      if op is None:
+        break
+      if op['op_name'] in POOLING_OPS:
+        return last['op_name'], names.get(int(op['outputs'][0]))
+    return last['op_name'], None
 
   def _quantize(self, pixels):
     """uint8 pixels -> the input tensor's type. A quantized input is taken to span the
@@ -420,14 +463,35 @@ def same_response(response, other):
   return bool(np.allclose(response, other, rtol=1e-2, atol=1e-3 * scale, equal_nan=True))
 
 
+def classifier_note(spec: ModelSpec, embedder, dim):
+  """Why this model's output looks like class scores rather than image features, and
+  what to pass instead (one line); None when it does not. A classifier's probabilities
+  do find similar images, but far worse than the features its head reads."""
+  head = embedder.classifier_head() if embedder.model_format == FORMAT_TFLITE else None
+  if head:
+    op, pooled = head
+    found = ('model %s: its output (%d values, from %s) is a classifier\'s class '
+             'probabilities, not image features' % (spec.name, dim, op))
+    if pooled:
+      return '%s; for the features its classifier reads, pass --model %s' % (
+          found, shlex.quote('%s=%s#%s' % (spec.name, spec.handle, pooled)))
+    return '%s; name a feature tensor with --model NAME=FILE.tflite#TENSOR' % found
+  if dim in IMAGENET_CLASS_COUNTS and not spec.tensor:
+    return ('model %s: its output has %d values, as an ImageNet classifier\'s class '
+            'scores have; if it is a classification model, pass its feature_vector '
+            'version (a .tflite file: a feature tensor with #TENSOR)' % (spec.name, dim))
+  return None
+
+
 def probe_model(spec: ModelSpec):
   """Loads the model once and returns the spec completed with its input size, output
-  dimension, format and response: the launcher does this before any work, so a bad
-  handle stops the job at once and the output schema knows its dimension."""
+  dimension, format, response and output note: the launcher does this before any work,
+  so a bad handle stops the job at once and the output schema knows its dimension."""
   embedder = load_embedder(spec)
   dim, response = model_response(embedder)
   return spec._replace(input_size=tuple(embedder.input_size), dim=dim,
-                       model_format=embedder.model_format, response=response)
+                       model_format=embedder.model_format, response=response,
+                       output_note=classifier_note(spec, embedder, dim))
 
 
 def probe_models(specs, in_subprocess=False):
