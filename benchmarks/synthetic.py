@@ -38,6 +38,7 @@ def write_synthetic_run(out_dir, count, dim, parts=4, seed=0, model_name=MODEL_N
         'width': np.full(len(keys), 224, np.int32),
         'height': np.full(len(keys), 224, np.int32),
         'sha256': ['%064x' % i for i in range(start, stop)],
+        'file_size': [None] * len(keys), 'file_modified': [None] * len(keys),
         'label': [None] * len(keys), 'metadata': [None] * len(keys)},
         schema=outputs.embeddings_schema(dim))
     name = '%s-%05d-of-%05d%s' % (outputs.PART_PREFIX, part, parts, outputs.PARQUET_SUFFIX)

@@ -131,12 +131,14 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   metrics: a transforms.metrics.RunMetrics (Beam counters, plus progress files when it
   has a folder)."""
   metrics = metrics or run_metrics.RunMetrics()
-  read = pipeline | 'ReadImages' >> ReadImages(config.patterns, config.input_format,
-                                               config.root, metrics, config.spread_records,
-                                               excluded=config.out_dir)
   run_tag = config.resume.run_tag if config.resume else None
   completed = CompletedWork(pipeline, config.resume, [spec.name for spec in config.models],
                             config.patterns, config.root) if config.resume else None
+  read = pipeline | 'ReadImages' >> ReadImages(
+      config.patterns, config.input_format, config.root, metrics, config.spread_records,
+      excluded=config.out_dir,
+      skip_unchanged=completed.skip_unchanged(config.input_format, metrics) if completed
+      else None)
   images = completed.skip_completed(read.images) if completed else read.images
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models], config.max_image_pixels)

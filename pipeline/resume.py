@@ -11,9 +11,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.runners import process_stat_field
 from schemas import outputs
-from schemas.records import content_sha256
+from schemas.records import ImageRecord, content_sha256
+from transforms.metrics import INPUT_FILES_READ
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
-from transforms.read import SourceMatcher, literal_folder
+from transforms.read import (SourceMatcher, folder_label, format_of, literal_folder,
+                             relative_key)
 
 
 class OutputDirError(ValueError):
@@ -295,6 +297,7 @@ MOVED = 'moved'
 FOUND_STATUSES = (RESUMED, CHANGED, REMOVED, MOVED)
 FOUND_TAG = 'found'
 READ_TAG = 'read'
+KNOWN_TAG = 'known'  # image files found unchanged, not read
 
 
 def found_fact(status, model_name):
@@ -302,16 +305,28 @@ def found_fact(status, model_name):
   return '%s/%s' % (status, model_name)
 
 
+class EarlierRow(NamedTuple):
+  """What a resume needs of one row of a completed part."""
+  model: str
+  sha256: str
+  uri: str
+  file_size: Optional[int] = None  # None in parts written before these columns existed
+  file_modified: Optional[float] = None
+
+
 def _completed_rows(model_and_path):
   model, path = model_and_path
-  table = outputs.read_parquet([path], columns=['key', 'sha256', 'uri'])
-  return [(key, (model, sha256, uri)) for key, sha256, uri in zip(
-      *(table.column(name).to_pylist() for name in ('key', 'sha256', 'uri')))]
+  table = outputs.read_present_columns(path, EarlierRow._fields[1:] + ('key',))
+
+  def column(name):
+    return (table.column(name).to_pylist() if name in table.column_names
+            else [None] * table.num_rows)
+  return [(key, EarlierRow(model, *values)) for key, *values in zip(
+      column('key'), *(column(name) for name in EarlierRow._fields[1:]))]
 
 
 class CompletedRows(beam.PTransform):
-  """(model, path) of completed parts -> (key, (model, sha256, uri)) for every row they
-  hold."""
+  """(model, path) of completed parts -> (key, EarlierRow) for every row they hold."""
 
   def __init__(self, parts):
     super().__init__()
@@ -324,31 +339,91 @@ class CompletedRows(beam.PTransform):
 
 
 def found_rows(key, done):
-  """(model, sha256) of the completed rows of `key`, from the AsMultiMap side input (a
-  lookup per key on runners that cannot hold all keys in memory; [] for unknown keys)."""
+  """EarlierRows of `key`, from the AsMultiMap side input (a lookup per key on runners
+  that cannot hold all keys in memory; [] for unknown keys)."""
   return done[key]
+
+
+def unchanged_sha256(listed, model_names, rows):
+  """The stored digest of an input file (a transforms.read.InputFile) that every model
+  embedded from a file of this very path, size and modification time, or None. Such a
+  file is not read again: as rsync and make do, a resume trusts size and time (a file
+  rewritten at the same size with its old time put back goes unnoticed)."""
+  if listed.size is None or not listed.modified:
+    return None  # a filesystem that reports no time: read it
+  by_model = {row.model: row for row in rows}
+  if not set(model_names) <= set(by_model):
+    return None
+  same = {(row.sha256, row.uri, row.file_size, row.file_modified)
+          for row in (by_model[name] for name in model_names)}
+  if len(same) != 1:
+    return None
+  sha256, uri, size, modified = same.pop()
+  return sha256 if (uri, size, modified) == (listed.path, listed.size, listed.modified) else None
+
+
+class _SkipUnchangedDoFn(beam.DoFn):
+  """InputFiles -> those to read, and (tagged KNOWN_TAG) an ImageRecord without data for
+  every image file unchanged since every model embedded it."""
+
+  def __init__(self, model_names, root, input_format, metrics):
+    self._model_names = model_names
+    self._root = root
+    self._input_format = input_format
+    self._metrics = metrics
+
+  def process(self, listed, done):
+    if format_of(listed.path, self._input_format) == 'files':  # a shard's rows: read it
+      key = relative_key(listed.path, self._root)
+      sha256 = unchanged_sha256(listed, self._model_names, found_rows(key, done))
+      if sha256:
+        self._metrics.inc(INPUT_FILES_READ)  # as the reader counts every file it reads
+        yield beam.pvalue.TaggedOutput(KNOWN_TAG, ImageRecord(
+            key=key, uri=listed.path, data=None, label=folder_label(key), sha256=sha256,
+            file_size=listed.size, file_modified=listed.modified))
+        return
+    yield listed
+
+
+class SkipUnchangedFiles(beam.PTransform):
+  """InputFiles -> (InputFiles to read, ImageRecords without data of the files that need
+  no reading), see unchanged_sha256."""
+
+  def __init__(self, done, model_names, root, input_format, metrics):
+    super().__init__()
+    self._done = done
+    self._do_fn = _SkipUnchangedDoFn(tuple(model_names), root, input_format, metrics)
+
+  def expand(self, files):
+    split = files | 'Split' >> beam.ParDo(self._do_fn, self._done).with_outputs(
+        KNOWN_TAG, main='to_read')
+    return split.to_read, split[KNOWN_TAG]
 
 
 def sort_completed(record, model_names, done):
   """ImageRecord -> the record itself when some model still has to embed it,
   (RESUMED or CHANGED, model, key) tagged FOUND_TAG for every model with a row of its
   key, and (key, (uri, sha256 or None)) tagged READ_TAG. Only inputs found embedded are
-  hashed here; the record passed on carries the digest."""
+  hashed here; the record passed on carries the digest. A record without data (a file
+  found unchanged, not read) carries its stored digest, which every model's row has."""
   found = found_rows(record.key, done)
-  current = content_sha256(record.data) if found else None
+  if record.data is None:
+    current = record.sha256
+  else:
+    current = content_sha256(record.data) if found else None
   yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, (record.uri, current)))
   up_to_date = set()
-  for model, sha256 in found:
-    status = RESUMED if sha256 == current else CHANGED
+  for row in found:
+    status = RESUMED if row.sha256 == current else CHANGED
     if status == RESUMED:
-      up_to_date.add(model)
-    yield beam.pvalue.TaggedOutput(FOUND_TAG, (status, model, record.key))
+      up_to_date.add(row.model)
+    yield beam.pvalue.TaggedOutput(FOUND_TAG, (status, row.model, record.key))
   if not set(model_names) <= up_to_date:
     yield record._replace(sha256=current)  # the decode stage needs it too
 
 
 def rows_to_update(key_and_joined, covered_by_inputs, root):
-  """(key, {'rows': [(model, sha256, uri)], 'read': [(uri, sha256)]}) ->
+  """(key, {'rows': [EarlierRow], 'read': [(uri, sha256)]}) ->
   (REMOVED, model, key) for every earlier row of a key not read as an image this run,
   from an input the run's patterns cover: where the row's uri points, or where its key
   is now (below root: the inputs may have moved); rows of inputs outside them (a
@@ -356,17 +431,17 @@ def rows_to_update(key_and_joined, covered_by_inputs, root):
   read from another uri."""
   key, joined = key_and_joined
   if not joined['read']:
-    return [(REMOVED, model, key) for model, _, uri in joined['rows']
-            if covered_by_inputs(uri) or covered_by_inputs(root + key)]
+    return [(REMOVED, row.model, key) for row in joined['rows']
+            if covered_by_inputs(row.uri) or covered_by_inputs(root + key)]
   uri_now, sha256_now = joined['read'][0]
-  return [(MOVED, model, key, uri_now) for model, sha256, uri in joined['rows']
-          if sha256 == sha256_now and uri != uri_now]
+  return [(MOVED, row.model, key, uri_now) for row in joined['rows']
+          if row.sha256 == sha256_now and row.uri != uri_now]
 
 
 def embedded_already(image, model_name, done):
   """Whether a DecodedImage has a row of `model_name` made from the same bytes."""
-  return any(model == model_name and sha256 == image.sha256
-             for model, sha256 in found_rows(image.key, done))
+  return any(row.model == model_name and row.sha256 == image.sha256
+             for row in found_rows(image.key, done))
 
 
 def update_earlier_part(path, found):
@@ -391,9 +466,14 @@ class CompletedWork:
     self._patterns = tuple(patterns)
     self._root = root
     self._rows = pipeline | 'CompletedRows' >> CompletedRows(state.completed_parts)
-    self._done = beam.pvalue.AsMultiMap(self._rows | 'KeySha256' >> beam.Map(
-        lambda key_row: (key_row[0], key_row[1][:2])))
+    self._done = beam.pvalue.AsMultiMap(self._rows)
     self._found = None
+
+  def skip_unchanged(self, input_format, metrics):
+    """The read stage's skip_unchanged: image files every model embedded from the same
+    path, size and time are not read again."""
+    return SkipUnchangedFiles(self._done, self._model_names, self._root, input_format,
+                              metrics)
 
   def skip_completed(self, images):
     """ImageRecords -> those some model still needs: new inputs, failed ones, and inputs

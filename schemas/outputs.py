@@ -122,6 +122,10 @@ def embeddings_schema(dim, model_record=None):
       pa.field('width', pa.int32(), nullable=False),
       pa.field('height', pa.int32(), nullable=False),
       pa.field('sha256', pa.string(), nullable=False),
+      # An image file's size in bytes and modification time (seconds since the epoch) as
+      # listed; null for a shard's records. Parts written before they existed lack them.
+      pa.field('file_size', pa.int64()),
+      pa.field('file_modified', pa.float64()),
       pa.field('label', pa.string()),
       pa.field('metadata', pa.string()),  # JSON text of the source's other fields
   ], metadata=metadata)
@@ -155,6 +159,8 @@ def embeddings_table(embeddings, dim):
       'width': pa.array([i.width for i in images], pa.int32()),
       'height': pa.array([i.height for i in images], pa.int32()),
       'sha256': pa.array([i.sha256 for i in images], pa.string()),
+      'file_size': pa.array([i.file_size for i in images], pa.int64()),
+      'file_modified': pa.array([i.file_modified for i in images], pa.float64()),
       'label': pa.array([i.label for i in images], pa.string()),
       'metadata': pa.array([i.metadata for i in images], pa.string()),
   }
@@ -230,6 +236,14 @@ def read_parquet(paths, columns=None, filters=None):
     with FileSystems.open(path) as f:
       tables.append(pq.read_table(f, columns=columns, filters=filters))
   return pa.concat_tables(tables) if tables else None
+
+
+def read_present_columns(path, columns):
+  """Those of the given columns that one Parquet file has (parts written by an earlier
+  version lack the newer columns), as an Arrow table."""
+  with FileSystems.open(path) as f:
+    parquet = pq.ParquetFile(f)
+    return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
 
 
 def part_writer(sink, schema):

@@ -22,6 +22,10 @@ class ImageRecord(NamedTuple):
   label: Optional[str] = None
   metadata: Optional[str] = None  # JSON text of whatever else the source carries
   sha256: Optional[str] = None  # content_sha256 of data, once a stage has computed it
+  # An image file's size and modification time as listed (None for a shard's records),
+  # by which a later resume finds it unchanged without reading it.
+  file_size: Optional[int] = None
+  file_modified: Optional[float] = None
 
 
 class DecodedImage(NamedTuple):
@@ -34,6 +38,8 @@ class DecodedImage(NamedTuple):
   pixels: dict  # (height, width) -> uint8 array of shape (height, width, 3)
   label: Optional[str] = None
   metadata: Optional[str] = None
+  file_size: Optional[int] = None
+  file_modified: Optional[float] = None
 
 
 def content_sha256(data):

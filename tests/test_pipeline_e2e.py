@@ -97,6 +97,8 @@ def test_rows_match_schema_keys_and_labels(three_model_run):
     assert row['sha256'] == hashlib.sha256(source.read_bytes()).hexdigest()
     from PIL import Image  # pylint: disable=import-outside-toplevel
     assert (row['width'], row['height']) == Image.open(source).size
+    assert (row['file_size'], row['file_modified']) == (source.stat().st_size,
+                                                         source.stat().st_mtime)
 
 
 def assert_rows_equal_direct_call(table, root, direct, handle, size):

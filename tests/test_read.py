@@ -226,11 +226,12 @@ def test_paths_are_chunked_by_weight():
       1, 4, 2 * read.CHUNK_UNITS)
 
   def check(chunks):
-    assert sorted(p for chunk in chunks for p in chunk) == [f.path for f in files]
+    assert sorted(f.path for chunk in chunks for f in chunk) == [f.path for f in files]
     for chunk in chunks:
-      assert chunk and (len(chunk) == 1 or sum(weight_of[p] for p in chunk) <= read.CHUNK_UNITS)
+      assert chunk and (len(chunk) == 1
+                        or sum(weight_of[f.path] for f in chunk) <= read.CHUNK_UNITS)
     assert max(len(chunk) for chunk in chunks) == read.CHUNK_UNITS  # small files, 32 a chunk
-    assert sum(1 for chunk in chunks if weight_of[chunk[0]] > read.CHUNK_UNITS) == 3
+    assert sum(1 for chunk in chunks if weight_of[chunk[0].path] > read.CHUNK_UNITS) == 3
 
   with beam.Pipeline() as pipeline:
     chunks = pipeline | beam.Create(files) | read.ChunkPaths()

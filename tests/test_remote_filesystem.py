@@ -147,6 +147,7 @@ def test_updating_rows_of_changed_or_moved_inputs_keeps_the_part_on_mem_and_loca
       'embedding': pa.FixedSizeListArray.from_arrays(
           pa.array(np.arange(40, dtype=np.float32)), 4),
       'width': [1] * 10, 'height': [1] * 10, 'sha256': ['0' * 64] * 10,
+      'file_size': [100] * 10, 'file_modified': [5.0] * 10,
       'label': [None] * 10, 'metadata': [None] * 10}, schema=schema)
   for path in (str(tmp_path / 'part.parquet'), memory_filesystem.PREFIX + 'drop/part.parquet'):
     outputs.write_parquet(path, table, row_group_size=3)

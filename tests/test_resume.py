@@ -579,3 +579,103 @@ def test_a_resumed_run_keeps_the_earlier_keys_or_refuses(tmp_path, test_models, 
       % (library / '2019', library / '2020', library / '2019'))
   assert sorted(p.name for p in one_year.rglob('*')) == before
   assert _keys(one_year, 'v1') == ['%04d.jpg' % n for n in range(3)]
+
+
+@pytest.fixture
+def run_in_place(tmp_path, test_models, monkeypatch):
+  """A finished run over a small folder, and a resume of it over the same folder that
+  returns the paths it read."""
+  from transforms import read  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / 'images'
+  write_images(folder, 0, 6)
+  (folder / BAD_KEY).write_bytes(b'\xff\xd8\xff' + bytes(50))
+  out = tmp_path / 'out'
+  run_pipeline.main(job_args(folder, out, test_models, '--no_report'))
+  real_read = read.read_image_file
+
+  def resume_and_list_reads():
+    read_paths = []
+
+    def counting_read(path, *args):
+      read_paths.append(os.path.basename(path))
+      return real_read(path, *args)
+
+    monkeypatch.setattr(read, 'read_image_file', counting_read)
+    run_pipeline.main(job_args(folder, out, test_models, '--resume', '--no_report'))
+    monkeypatch.setattr(read, 'read_image_file', real_read)
+    return sorted(read_paths)
+  return folder, out, resume_and_list_reads
+
+
+def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
+  folder, out, resume_and_list_reads = run_in_place
+  before = {model: embeddings(out, model) for model in MODELS}
+  (folder / '0001.jpg').write_bytes((folder / '0004.jpg').read_bytes())  # another picture
+  os.utime(folder / '0002.jpg', (time.time() + 60, time.time() + 60))  # touched only
+  # Rewritten at the same size, its old time put back: trusted unchanged, as by rsync.
+  status = os.stat(folder / '0003.jpg')
+  data = bytearray((folder / '0003.jpg').read_bytes())
+  data[-200] ^= 0x55
+  (folder / '0003.jpg').write_bytes(bytes(data))
+  os.utime(folder / '0003.jpg', ns=(status.st_atime_ns, status.st_mtime_ns))
+  write_images(folder, 6, 1)  # a new file
+
+  assert resume_and_list_reads() == ['0001.jpg', '0002.jpg', '0006.jpg', BAD_KEY]
+
+  counts = manifest_counts(out)
+  assert counts['read'] == 8 and counts['reconciled'] is True
+  for model in MODELS:
+    rows = embeddings(out, model)
+    assert sorted(rows) == ['%04d.jpg' % n for n in range(7)]
+    np.testing.assert_allclose(rows['0001.jpg'], before[model]['0004.jpg'], rtol=1e-5,
+                               atol=1e-5)
+    for key in ('0000.jpg', '0002.jpg', '0003.jpg', '0005.jpg'):
+      np.testing.assert_allclose(rows[key], before[model][key], rtol=1e-5, atol=1e-5)
+    assert counts['models'][model] == {'embedded': 7, 'failed': 1, 'embed_failed': 0,
+                                       'resumed': 5, 'changed': 1, 'removed': 0, 'moved': 0}
+    table = pq.read_table(str(out / model / 'embeddings'),
+                          columns=['key', 'file_size', 'file_modified'])
+    listed = {row['key']: row for row in table.to_pylist()}
+    for key in ('0001.jpg', '0006.jpg'):
+      assert listed[key]['file_size'] == os.stat(folder / key).st_size
+      assert listed[key]['file_modified'] == os.stat(folder / key).st_mtime
+
+  # Nothing changed since: only the input that fails is read again.
+  assert resume_and_list_reads() == ['0002.jpg', BAD_KEY]  # its row keeps the old time
+
+
+def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
+  folder, out, resume_and_list_reads = run_in_place
+  for part in out.glob('*/embeddings/part-*.parquet'):  # as an earlier version wrote them
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(['file_size', 'file_modified']), part)
+
+  assert resume_and_list_reads() == sorted(p.name for p in folder.iterdir())
+
+  counts = manifest_counts(out)
+  assert counts['reconciled'] is True
+  for model in MODELS:
+    assert counts['models'][model]['resumed'] == 6 and counts['models'][model]['changed'] == 0
+
+
+@pytest.mark.parametrize('rows,listed,expected', [
+    ([('v1', 'a', '/in/x.jpg', 10, 5.0), ('v3', 'a', '/in/x.jpg', 10, 5.0)],
+     ('/in/x.jpg', 10, 5.0), 'a'),
+    ([('v1', 'a', '/in/x.jpg', 10, 5.0)], ('/in/x.jpg', 10, 5.0), None),  # v3 has none
+    ([('v1', 'a', '/in/x.jpg', 10, 5.0), ('v3', 'b', '/in/x.jpg', 10, 5.0)],
+     ('/in/x.jpg', 10, 5.0), None),  # embedded from other bytes
+    ([('v1', 'a', '/in/x.jpg', 10, 5.0), ('v3', 'a', '/in/x.jpg', 10, 5.0)],
+     ('/in/x.jpg', 11, 5.0), None),  # size
+    ([('v1', 'a', '/in/x.jpg', 10, 5.0), ('v3', 'a', '/in/x.jpg', 10, 5.0)],
+     ('/in/x.jpg', 10, 6.0), None),  # time
+    ([('v1', 'a', '/old/x.jpg', 10, 5.0), ('v3', 'a', '/old/x.jpg', 10, 5.0)],
+     ('/in/x.jpg', 10, 5.0), None),  # moved: read, to give the rows their new uri
+    ([('v1', 'a', '/in/x.jpg', None, None), ('v3', 'a', '/in/x.jpg', None, None)],
+     ('/in/x.jpg', 10, 5.0), None),  # rows of an earlier version
+    ([('v1', 'a', '/in/x.jpg', 0, 0.0), ('v3', 'a', '/in/x.jpg', 0, 0.0)],
+     ('/in/x.jpg', 0, 0.0), None),  # a filesystem that reports no time
+])
+def test_unchanged_sha256(rows, listed, expected):
+  from transforms.read import InputFile  # pylint: disable=import-outside-toplevel
+  assert resume.unchanged_sha256(InputFile(*listed), MODELS,
+                                 [resume.EarlierRow(*row) for row in rows]) == expected

@@ -44,6 +44,8 @@ def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
   assert json.loads(rows['000000002']['metadata']) == {'url': 'http://x/2',
                                                         'caption': 'caption 2'}
   assert rows['000000002']['uri'] == str(shards / '00000.tar') + '#000000002.jpg'
+  # A shard's records have no file of their own: no size or time to resume by.
+  assert {(r['file_size'], r['file_modified']) for r in rows.values()} == {(None, None)}
   failures = pq.read_table(str(out / 'failures')).to_pylist()
   assert [(f['key'], f['stage']) for f in failures] == [('train-00000.tfrecord#4', 'decode')]
   counts = json.loads((out / 'manifest.json').read_text())['counts']

@@ -174,7 +174,8 @@ def decode_record(record: ImageRecord, sizes, max_pixels=MAX_IMAGE_PIXELS):
     return FailureRecord.from_exception(record.key, record.uri, STAGE_DECODE, e)
   return DecodedImage(key=record.key, uri=record.uri, width=width, height=height,
                       sha256=record.sha256 or content_sha256(record.data), pixels=pixels,
-                      label=record.label, metadata=record.metadata)
+                      label=record.label, metadata=record.metadata,
+                      file_size=record.file_size, file_modified=record.file_modified)
 
 
 class DecodeImages(beam.PTransform):

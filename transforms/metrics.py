@@ -163,7 +163,8 @@ class _CountDoFn(beam.DoFn):
 
 def count_images_read(record):
   yield IMAGES_READ, None
-  yield IMAGE_BYTES, len(record.data)
+  if record.data is not None:  # a resume's file found unchanged is not read
+    yield IMAGE_BYTES, len(record.data)
 
 
 def failure_counts(metric):

@@ -8,7 +8,7 @@ import posixpath
 import re
 import struct
 import tarfile
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata, FileSystem
@@ -271,6 +271,17 @@ def may_hold_shards(patterns, input_format):
   return holds_shards(names, input_format)
 
 
+class InputFile(NamedTuple):
+  """A matched input file as listed: what the readers and a resume's check start from."""
+  path: str
+  size: Optional[int] = None  # bytes
+  modified: Optional[float] = None  # seconds since the epoch; 0 or None: not known
+
+  @classmethod
+  def listed(cls, metadata):
+    return cls(metadata.path, metadata.size_in_bytes, metadata.last_updated_in_seconds)
+
+
 def folder_label(key):
   """A file's label is its folder's name, as in the common one-folder-per-class layout."""
   folder = posixpath.dirname(key)
@@ -295,8 +306,9 @@ def _read_up_to(handle, size):
   return data
 
 
-def read_image_file(path, root):
-  """One image file -> ImageRecord; any failure -> FailureRecord (stage read)."""
+def read_image_file(path, root, size=None, modified=None):
+  """One image file -> ImageRecord (with its listed size and modification time, when
+  given); any failure -> FailureRecord (stage read)."""
   key = relative_key(path, root)
   try:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -311,7 +323,8 @@ def read_image_file(path, root):
           data += f.read()
   except Exception as e:  # pylint: disable=broad-except
     return FailureRecord.from_exception(key, path, STAGE_READ, e)
-  return ImageRecord(key=key, uri=path, data=data, label=folder_label(key))
+  return ImageRecord(key=key, uri=path, data=data, label=folder_label(key), file_size=size,
+                     file_modified=modified)
 
 
 def _iter_tfrecord_payloads(handle):
@@ -483,15 +496,18 @@ def read_webdataset_shard(path, root):
 
 
 _READERS = {
-    'files': lambda path, root: iter([read_image_file(path, root)]),
-    'tfrecord': read_tfrecord_shard,
-    'webdataset': read_webdataset_shard,
+    'files': lambda listed, root: iter([read_image_file(listed.path, root, listed.size,
+                                                         listed.modified)]),
+    'tfrecord': lambda listed, root: read_tfrecord_shard(listed.path, root),
+    'webdataset': lambda listed, root: read_webdataset_shard(listed.path, root),
 }
 
 
 def read_path(path, root, input_format):
-  """Every ImageRecord or FailureRecord of one matched input file."""
-  return _READERS[format_of(path, input_format)](path, root)
+  """Every ImageRecord or FailureRecord of one matched input file (a path, or an
+  InputFile)."""
+  listed = path if isinstance(path, InputFile) else InputFile(path)
+  return _READERS[format_of(listed.path, input_format)](listed, root)
 
 
 class _ReadDoFn(beam.DoFn):
@@ -501,15 +517,15 @@ class _ReadDoFn(beam.DoFn):
     self._input_format = input_format
     self._metrics = metrics or RunMetrics()
 
-  def process(self, path):
-    yield from route_failures(read_path(path, self._root, self._input_format))
+  def process(self, listed):
+    yield from route_failures(read_path(listed, self._root, self._input_format))
     # Once every matched file is read, the progress line knows the total image count.
     self._metrics.inc(INPUT_FILES_READ)
 
 
 class ChunkPaths(beam.PTransform):
-  """Matched FileMetadata -> lists of paths weighing up to CHUNK_UNITS (a heavier file
-  alone)."""
+  """Matched FileMetadata -> lists of InputFiles weighing up to CHUNK_UNITS (a heavier
+  file alone)."""
 
   def expand(self, matched):
     return (matched
@@ -518,7 +534,7 @@ class ChunkPaths(beam.PTransform):
                                             element_size_fn=chunk_weight)
             # A file heavier than a chunk closes the chunk before it, even an empty one.
             | 'Paths' >> beam.FlatMap(
-                lambda batch: [[metadata.path for metadata in batch]] if batch else []))
+                lambda batch: [[InputFile.listed(m) for m in batch]] if batch else []))
 
 
 class ReadOutputs(NamedTuple):
@@ -530,10 +546,12 @@ class ReadImages(beam.PTransform):
   """Input patterns -> ReadOutputs: ImageRecords and FailureRecords (stage read)."""
 
   def __init__(self, patterns, input_format='auto', root=None, metrics=None,
-               spread_records=None, excluded=None):
+               spread_records=None, excluded=None, skip_unchanged=None):
     """spread_records: whether to shuffle the image records across workers (for shards);
     None decides from the patterns alone (may_hold_shards). excluded: a folder whose
-    files are never input (the run's output)."""
+    files are never input (the run's output). skip_unchanged: a PTransform of InputFiles
+    -> (InputFiles to read, ImageRecords without data of files known unchanged, which
+    are not read), as a resumed run finds them."""
     super().__init__()
     self._patterns = list(patterns)
     self._excluded = excluded
@@ -542,24 +560,30 @@ class ReadImages(beam.PTransform):
     self._metrics = metrics
     self._spread_records = (may_hold_shards(self._patterns, input_format)
                             if spread_records is None else spread_records)
+    self._skip_unchanged = skip_unchanged
 
   def expand(self, pbegin):
     matched = (pbegin
                | 'Patterns' >> beam.Create(self._patterns)
                | 'Match' >> beam.FlatMap(iter_matches, excluded=self._excluded))
     if len(self._patterns) > 1:
-      # Drops files matched by two patterns, and spreads the paths across workers.
-      paths = (matched
-               | 'Paths' >> beam.Map(lambda metadata: metadata.path)
-               | 'Distinct' >> beam.Distinct())
+      # Drops files matched by two patterns, and spreads the files across workers.
+      files = (matched
+               | 'ByPath' >> beam.Map(lambda metadata: (metadata.path,
+                                                        InputFile.listed(metadata)))
+               | 'Distinct' >> beam.CombinePerKey(lambda listed: next(iter(listed)))
+               | 'Files' >> beam.Values())
     else:
-      # One pattern matches each file once. The paths are spread across workers in
+      # One pattern matches each file once. The files are spread across workers in
       # chunks: a shuffle per path cost the local runner's launcher 0.1 ms per image.
-      paths = (matched
+      files = (matched
                | 'ChunkPaths' >> ChunkPaths()
                | 'SpreadChunks' >> beam.Reshuffle()
                | 'Unchunk' >> beam.FlatMap(lambda chunk: chunk))
-    read = paths | 'Read' >> beam.ParDo(
+    known = None
+    if self._skip_unchanged is not None:
+      files, known = files | 'SkipUnchanged' >> self._skip_unchanged
+    read = files | 'Read' >> beam.ParDo(
         _ReadDoFn(self._root, self._input_format, self._metrics)).with_outputs(
             FAILURES_TAG, main='images')
     images = read.images
@@ -568,6 +592,8 @@ class ReadImages(beam.PTransform):
       # Image files need no such step (their paths were spread above), which spares
       # sending every image's bytes through a shuffle.
       images = images | 'SpreadShardImages' >> beam.Reshuffle()
+    if known is not None:
+      images = (images, known) | 'ReadOrKnown' >> beam.Flatten()
     return ReadOutputs(images=images, failures=read[FAILURES_TAG])
 
 
