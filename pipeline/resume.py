@@ -295,6 +295,9 @@ CHANGED = 'changed'
 REMOVED = 'removed'
 MOVED = 'moved'
 FOUND_STATUSES = (RESUMED, CHANGED, REMOVED, MOVED)
+# Rows of unchanged bytes whose file has a new size or time (touched, copied): given
+# them, so that the next resume need not read the file; not counted in the manifest.
+RETIMED = 'retimed'
 FOUND_TAG = 'found'
 READ_TAG = 'read'
 KNOWN_TAG = 'known'  # image files found unchanged, not read
@@ -400,18 +403,26 @@ class SkipUnchangedFiles(beam.PTransform):
     return split.to_read, split[KNOWN_TAG]
 
 
+def read_source(record, sha256):
+  """(uri, sha256, file_size, file_modified) of an input as this run found it."""
+  return record.uri, sha256, record.file_size, record.file_modified
+
+
 def sort_completed(record, model_names, done):
   """ImageRecord -> the record itself when some model still has to embed it,
   (RESUMED or CHANGED, model, key) tagged FOUND_TAG for every model with a row of its
-  key, and (key, (uri, sha256 or None)) tagged READ_TAG. Only inputs found embedded are
-  hashed here; the record passed on carries the digest. A record without data (a file
-  found unchanged, not read) carries its stored digest, which every model's row has."""
-  found = found_rows(record.key, done)
+  key, and (key, read_source) tagged READ_TAG. Only inputs found embedded are
+  hashed here; the record passed on carries the digest. A record without data is a file
+  found unchanged (unchanged_sha256), up to date for every model: its rows are not
+  looked up again (a lookup per key costs the local runner a request to its workers)."""
   if record.data is None:
-    current = record.sha256
-  else:
-    current = content_sha256(record.data) if found else None
-  yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, (record.uri, current)))
+    yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, read_source(record, record.sha256)))
+    for model in model_names:
+      yield beam.pvalue.TaggedOutput(FOUND_TAG, (RESUMED, model, record.key))
+    return
+  found = found_rows(record.key, done)
+  current = content_sha256(record.data) if found else None
+  yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, read_source(record, current)))
   up_to_date = set()
   for row in found:
     status = RESUMED if row.sha256 == current else CHANGED
@@ -423,19 +434,27 @@ def sort_completed(record, model_names, done):
 
 
 def rows_to_update(key_and_joined, covered_by_inputs, root):
-  """(key, {'rows': [EarlierRow], 'read': [(uri, sha256)]}) ->
+  """(key, {'rows': [EarlierRow], 'read': [read_source]}) ->
   (REMOVED, model, key) for every earlier row of a key not read as an image this run,
   from an input the run's patterns cover: where the row's uri points, or where its key
   is now (below root: the inputs may have moved); rows of inputs outside them (a
-  narrower --input) stay. (MOVED, model, key, uri) for every up-to-date row of an input
-  read from another uri."""
+  narrower --input) stay. (MOVED, model, key, uri, file_size, file_modified) for every
+  up-to-date row of an input read from another uri, and the same tagged RETIMED for one
+  read from the same uri but listed with another size or time."""
   key, joined = key_and_joined
   if not joined['read']:
     return [(REMOVED, row.model, key) for row in joined['rows']
             if covered_by_inputs(row.uri) or covered_by_inputs(root + key)]
-  uri_now, sha256_now = joined['read'][0]
-  return [(MOVED, row.model, key, uri_now) for row in joined['rows']
-          if row.sha256 == sha256_now and row.uri != uri_now]
+  uri_now, sha256_now, size_now, modified_now = joined['read'][0]
+  updates = []
+  for row in joined['rows']:
+    if row.sha256 != sha256_now:
+      continue  # changed: its row is dropped, the input embedded again
+    if row.uri != uri_now:
+      updates.append((MOVED, row.model, key, uri_now, size_now, modified_now))
+    elif modified_now and (row.file_size, row.file_modified) != (size_now, modified_now):
+      updates.append((RETIMED, row.model, key, uri_now, size_now, modified_now))
+  return updates
 
 
 def embedded_already(image, model_name, done):
@@ -446,11 +465,12 @@ def embedded_already(image, model_name, done):
 
 def update_earlier_part(path, found):
   """Removes from an earlier attempt's part the rows of inputs that changed since (this
-  run embeds them again) or are gone, and gives moved ones their new uri; returns the
-  part's path. found: this model's (status, model, key[, uri]) other than RESUMED."""
+  run embeds them again) or are gone, and gives moved or retimed ones their file's new
+  uri, size and time; returns the part's path. found: this model's (status, model,
+  key[, uri, file_size, file_modified]) other than RESUMED."""
   if found:
     outputs.update_rows(path, [f[2] for f in found if f[0] in (CHANGED, REMOVED)],
-                        {f[2]: f[3] for f in found if f[0] == MOVED})
+                        {f[2]: f[3:] for f in found if f[0] in (MOVED, RETIMED)})
   return path
 
 
@@ -500,8 +520,10 @@ class CompletedWork:
     MOVED: rows given a new uri)."""
     zeros = [(found_fact(status, name), 0) for status in FOUND_STATUSES
              for name in self._model_names]
-    found = self._found | 'FoundFacts' >> beam.Map(
-        lambda status_model_key: (found_fact(*status_model_key[:2]), 1))
+    found = (self._found
+             | 'Counted' >> beam.Filter(lambda found: found[0] in FOUND_STATUSES)
+             | 'FoundFacts' >> beam.Map(
+                 lambda status_model_key: (found_fact(*status_model_key[:2]), 1)))
     return ((found, self._pipeline | 'NothingFound' >> beam.Create(zeros))
             | 'AllFacts' >> beam.Flatten()
             | 'CountFound' >> beam.CombinePerKey(sum))

@@ -255,25 +255,40 @@ def part_writer(sink, schema):
       use_dictionary=[name for name in schema.names if name not in PLAIN_COLUMNS])
 
 
-def update_rows(path, drop_keys=(), new_uris=None):
+# Where a row's image is and its file's size and time as listed: what a resume updates
+# when it finds the same bytes elsewhere or under a new time.
+SOURCE_COLUMNS = ('uri', 'file_size', 'file_modified')
+
+
+def update_rows(path, drop_keys=(), new_sources=None):
   """Rewrites an embeddings Parquet file without its rows whose key is in drop_keys, and
-  with the uri of the rows whose key is in new_uris ({key: uri}) replaced, a row group
-  at a time, with its schema and metadata; the new file replaces the old in one step, so
-  a reader sees all the old rows or all the new ones. Returns (rows dropped, rows given
-  a new uri); the file is left alone when both are 0."""
+  with the SOURCE_COLUMNS of the rows whose key is in new_sources ({key: (uri,
+  file_size, file_modified)}) replaced (in parts written before the file columns
+  existed, the uri alone), a row group at a time, with its schema and metadata; the new
+  file replaces the old in one step, so a reader sees all the old rows or all the new
+  ones. Returns (rows dropped, rows updated); the file is left alone when both are 0."""
   drop_keys = pa.array(sorted(set(drop_keys)), pa.string())
-  new_uris = new_uris or {}
+  new_sources = new_sources or {}
 
   def changes(table):
+    """(rows dropped, rows updated, the rows kept with their new source columns)."""
     dropped = pc.is_in(table.column('key'), value_set=drop_keys)
     kept = table.filter(pc.invert(dropped))
-    uris = kept.column('uri').to_pylist()
-    moved = [new_uris.get(key, uri) for key, uri in zip(kept.column('key').to_pylist(), uris)]
-    return (pc.sum(dropped).as_py() or 0, sum(a != b for a, b in zip(uris, moved)),
-            kept, moved)
+    keys = kept.column('key').to_pylist()
+    updated = np.zeros(len(keys), bool)
+    for position, name in enumerate(SOURCE_COLUMNS):
+      if name not in kept.column_names:
+        continue
+      at = kept.schema.get_field_index(name)
+      old = kept.column(at).to_pylist()
+      new = [new_sources[key][position] if key in new_sources else value
+             for key, value in zip(keys, old)]
+      updated |= np.array([a != b for a, b in zip(old, new)], bool)
+      kept = kept.set_column(at, kept.schema.field(at),
+                             pa.array(new, kept.schema.field(at).type))
+    return pc.sum(dropped).as_py() or 0, int(updated.sum()), kept
 
-  with FileSystems.open(path) as f:
-    dropped, updated, _, _ = changes(pq.read_table(f, columns=['key', 'uri']))
+  dropped, updated, _ = changes(read_present_columns(path, ('key',) + SOURCE_COLUMNS))
   if not dropped and not updated:
     return 0, 0
 
@@ -282,10 +297,7 @@ def update_rows(path, drop_keys=(), new_uris=None):
       parquet = pq.ParquetFile(source)
       with part_writer(target, parquet.schema_arrow) as writer:
         for group in range(parquet.num_row_groups):
-          _, _, kept, uris = changes(parquet.read_row_group(group))
-          uri_at = kept.schema.get_field_index('uri')
-          writer.write_table(kept.set_column(uri_at, kept.schema.field(uri_at),
-                                             pa.array(uris, pa.string())))
+          writer.write_table(changes(parquet.read_row_group(group))[2])
 
   write_atomically(path, write)
   return dropped, updated

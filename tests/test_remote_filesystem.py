@@ -154,16 +154,19 @@ def test_updating_rows_of_changed_or_moved_inputs_keeps_the_part_on_mem_and_loca
     with FileSystems.open(path) as f:
       before = f.read()
 
-    assert outputs.update_rows(path, ['elsewhere'], {'k03': '/photos/k03'}) == (0, 0)
+    assert outputs.update_rows(path, ['elsewhere'], {'k03': ('/photos/k03', 100, 5.0)}) == (
+        0, 0)
     with FileSystems.open(path) as f:
       assert f.read() == before  # not rewritten
 
     assert outputs.update_rows(path, ['k01', 'k05', 'k06', 'elsewhere'],
-                               {'k02': '/moved/k02', 'k05': '/moved/k05'}) == (3, 1)
+                               {'k02': ('/moved/k02', 100, 5.0), 'k05': ('/moved/k05', 1, 1.0),
+                                'k04': ('/photos/k04', 100, 7.0)}) == (3, 2)
     assert outputs.parquet_embeddings_info(path) == (4, record)
     got = outputs.read_parquet([path])
     assert got.column('key').to_pylist() == [k for k in keys if k not in ('k01', 'k05', 'k06')]
     assert got.column('embedding').to_pylist()[1] == [8.0, 9.0, 10.0, 11.0]  # k02's
     assert got.column('uri').to_pylist()[:3] == ['/photos/k00', '/moved/k02', '/photos/k03']
+    assert got.column('file_modified').to_pylist()[:4] == [5.0, 5.0, 5.0, 7.0]  # k04 retimed
     assert outputs.read_parquet([path]).schema == schema
     assert outputs.matching_paths(path + '*') == [path]  # no temporary left

@@ -640,8 +640,9 @@ def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
       assert listed[key]['file_size'] == os.stat(folder / key).st_size
       assert listed[key]['file_modified'] == os.stat(folder / key).st_mtime
 
-  # Nothing changed since: only the input that fails is read again.
-  assert resume_and_list_reads() == ['0002.jpg', BAD_KEY]  # its row keeps the old time
+  # Nothing changed since: only the input that fails is read again (the touched file's
+  # rows were given its new time).
+  assert resume_and_list_reads() == [BAD_KEY]
 
 
 def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
