@@ -40,6 +40,9 @@ class JobConfig(NamedTuple):
   max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are decode failures
 
 
+UNREAD_FACT = 'unread'  # inputs a resume found unchanged in size and time, not read
+
+
 def manifest_counts(facts, model_names):
   """Per-stage counts -> the manifest's counts, where read = embedded + failed holds for
   every model by construction of the failure records, and is checked here."""
@@ -55,11 +58,14 @@ def manifest_counts(facts, model_names):
     for status in FOUND_STATUSES:
       if found_fact(status, name) in facts:
         models[name][status] = facts[found_fact(status, name)]
-  return {
+  counts = {
       'read': read, 'read_failed': read_failed, 'decode_failed': decode_failed,
       'models': models,
       'reconciled': all(m['embedded'] + m['failed'] == read for m in models.values()),
   }
+  if UNREAD_FACT in facts:
+    counts['unchanged_not_read'] = facts[UNREAD_FACT]  # counted in read, not read again
+  return counts
 
 
 def throughput(config: JobConfig, counts):
@@ -180,6 +186,7 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
 
   if completed:
     facts.append(completed.found_counts())
+    facts.append(_count(read.unread, UNREAD_FACT, 'unread'))
   all_failures = failures | 'AllFailures' >> beam.Flatten()
   failure_files = all_failures | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag)
   failure_reasons = all_failures | 'FailureReasons' >> beam.CombineGlobally(FailureReasons())

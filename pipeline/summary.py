@@ -54,6 +54,9 @@ def format_summary(manifest, out_dir, with_report=True):
   lines = ['run summary'] + ['  ' + line for line in _table(
       ['model', 'embedded', 'failed', 'images/s'], rows, (1, 2, 3))]
   lines.extend(_resume_lines(counts['models']))
+  if counts.get('unchanged_not_read'):
+    lines.append('  %s inputs unchanged in size and time since: not read again' % format(
+        counts['unchanged_not_read'], ','))
   reasons = manifest.get('failures_by_reason') or []
   if reasons:
     lines.append('failures by reason')

@@ -141,19 +141,20 @@ def test_summary_shows_the_manifest_figures():
 
 
 def test_summary_of_a_resumed_run_says_what_became_of_the_earlier_rows():
-  manifest = {'counts': {'read': 10, 'models': {
+  manifest = {'counts': {'read': 10, 'unchanged_not_read': 1150, 'models': {
       'v1': {'embedded': 9, 'failed': 1, 'resumed': 1200, 'changed': 2, 'removed': 0,
              'moved': 1198},
       'v3': {'embedded': 9, 'failed': 1, 'resumed': 0, 'changed': 0, 'removed': 3,
              'moved': 0}}}}
   lines = summary.format_summary(manifest, '/out').splitlines()
-  assert lines[1:6] == [
+  assert lines[1:7] == [
       '  model  embedded  failed  images/s',
       '  v1            9       1         -',
       '  v3            9       1         -',
       '  resumed v1: 1,200 up to date; 2 changed since, embedded again; 1,198 found at a '
       'new place, uri updated',
-      '  resumed v3: 0 up to date; 3 of inputs gone, removed']
+      '  resumed v3: 0 up to date; 3 of inputs gone, removed',
+      '  1,150 inputs unchanged in size and time since: not read again']
 
 
 def test_a_run_that_stops_early_does_not_end_with_done(tmp_path, capsys):

@@ -624,6 +624,7 @@ def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
 
   counts = manifest_counts(out)
   assert counts['read'] == 8 and counts['reconciled'] is True
+  assert counts['unchanged_not_read'] == 4  # 0000, 0003 (not noticed), 0004, 0005
   for model in MODELS:
     rows = embeddings(out, model)
     assert sorted(rows) == ['%04d.jpg' % n for n in range(7)]
@@ -643,6 +644,7 @@ def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
   # Nothing changed since: only the input that fails is read again (the touched file's
   # rows were given its new time).
   assert resume_and_list_reads() == [BAD_KEY]
+  assert manifest_counts(out)['unchanged_not_read'] == 7
 
 
 def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
@@ -654,7 +656,7 @@ def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
   assert resume_and_list_reads() == sorted(p.name for p in folder.iterdir())
 
   counts = manifest_counts(out)
-  assert counts['reconciled'] is True
+  assert counts['reconciled'] is True and counts['unchanged_not_read'] == 0
   for model in MODELS:
     assert counts['models'][model]['resumed'] == 6 and counts['models'][model]['changed'] == 0
 

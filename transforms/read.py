@@ -540,6 +540,9 @@ class ChunkPaths(beam.PTransform):
 class ReadOutputs(NamedTuple):
   images: beam.PCollection  # of ImageRecord
   failures: beam.PCollection  # of FailureRecord
+  # ImageRecords without data of the files found unchanged and not read (also among
+  # images); None unless the stage was given skip_unchanged.
+  unread: Optional[beam.PCollection] = None
 
 
 class ReadImages(beam.PTransform):
@@ -594,7 +597,7 @@ class ReadImages(beam.PTransform):
       images = images | 'SpreadShardImages' >> beam.Reshuffle()
     if known is not None:
       images = (images, known) | 'ReadOrKnown' >> beam.Flatten()
-    return ReadOutputs(images=images, failures=read[FAILURES_TAG])
+    return ReadOutputs(images=images, failures=read[FAILURES_TAG], unread=known)
 
 
 def read_uri_bytes(uri):
