@@ -1,8 +1,8 @@
-"""How far reduced-size decoding can put the pipeline ahead of the tf.data baseline on
-camera-sized JPEGs, per kind of file.
+"""Reduced-size against full decoding of camera-sized JPEGs: the pipeline's bound on them.
 
-For generated 3000x2000 JPEGs of several kinds (grain, quality, chroma subsampling,
-progressive), it times on one core, per image held in memory: the baseline's
+How far reduced-size decoding can put the pipeline ahead of the tf.data baseline depends
+on the file. For generated 3000x2000 JPEGs of several kinds (grain, quality, chroma
+subsampling, progressive), it times on one core, per image held in memory: the baseline's
 preprocessing (TensorFlow's full decode and plain resize, as tfdata_baseline.py does it),
 the pipeline's (Pillow's reduced-size decode and antialiased resize), and for reference
 Pillow's and TensorFlow's full decode and TensorFlow's 1/8-scale one. The baseline's time
