@@ -14,8 +14,7 @@ from schemas import outputs
 from schemas.records import ImageRecord, content_sha256
 from transforms.metrics import INPUT_FILES_READ
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
-from transforms.read import (SourceMatcher, folder_label, format_of, literal_folder,
-                             relative_key)
+from transforms.read import SourceMatcher, format_of, literal_folder, relative_key
 
 
 class OutputDirError(ValueError):
@@ -367,7 +366,8 @@ def unchanged_sha256(listed, model_names, rows):
 
 class _SkipUnchangedDoFn(beam.DoFn):
   """InputFiles -> those to read, and (tagged KNOWN_TAG) an ImageRecord without data for
-  every image file unchanged since every model embedded it."""
+  every image file unchanged since every model embedded it: only its key, uri, stored
+  digest, size and time, all that sort_completed and the row updates use."""
 
   def __init__(self, model_names, root, input_format, metrics):
     self._model_names = model_names
@@ -382,8 +382,8 @@ class _SkipUnchangedDoFn(beam.DoFn):
       if sha256:
         self._metrics.inc(INPUT_FILES_READ)  # as the reader counts every file it reads
         yield beam.pvalue.TaggedOutput(KNOWN_TAG, ImageRecord(
-            key=key, uri=listed.path, data=None, label=folder_label(key), sha256=sha256,
-            file_size=listed.size, file_modified=listed.modified))
+            key=key, uri=listed.path, data=None, sha256=sha256, file_size=listed.size,
+            file_modified=listed.modified))
         return
     yield listed
 

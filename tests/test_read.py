@@ -143,7 +143,8 @@ def test_read_uri_bytes_finds_files_records_and_members(tmp_path):
 def test_file_gone_after_listing_is_a_read_failure(tmp_path):
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   (tmp_path / 'a.jpg').write_bytes(b'soon gone')
-  listed = [m.path for m in FileSystems.match([str(tmp_path / '*.jpg')])[0].metadata_list]
+  listed = [read.InputFile.listed(m)
+            for m in FileSystems.match([str(tmp_path / '*.jpg')])[0].metadata_list]
   (tmp_path / 'a.jpg').unlink()
   records = list(read.read_path(listed[0], str(tmp_path) + '/', 'auto'))
   assert len(records) == 1 and isinstance(records[0], FailureRecord)

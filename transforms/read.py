@@ -503,10 +503,8 @@ _READERS = {
 }
 
 
-def read_path(path, root, input_format):
-  """Every ImageRecord or FailureRecord of one matched input file (a path, or an
-  InputFile)."""
-  listed = path if isinstance(path, InputFile) else InputFile(path)
+def read_path(listed, root, input_format):
+  """Every ImageRecord or FailureRecord of one matched input file (an InputFile)."""
   return _READERS[format_of(listed.path, input_format)](listed, root)
 
 
