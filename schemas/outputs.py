@@ -260,13 +260,26 @@ def part_writer(sink, schema):
 SOURCE_COLUMNS = ('uri', 'file_size', 'file_modified')
 
 
+def _schema_with_source_columns(schema):
+  """An embeddings part's schema with the SOURCE_COLUMNS that parts written before they
+  existed lack, each put where embeddings_schema has it (the metadata is kept)."""
+  current = embeddings_schema(schema.field('embedding').type.list_size)
+  for name in SOURCE_COLUMNS:
+    if name not in schema.names:
+      before = current.names[current.get_field_index(name) - 1]
+      schema = schema.insert(schema.get_field_index(before) + 1, current.field(name))
+  return schema
+
+
 def update_rows(path, drop_keys=(), new_sources=None):
   """Rewrites an embeddings Parquet file without its rows whose key is in drop_keys, and
   with the SOURCE_COLUMNS of the rows whose key is in new_sources ({key: (uri,
-  file_size, file_modified)}) replaced (in parts written before the file columns
-  existed, the uri alone), a row group at a time, with its schema and metadata; the new
-  file replaces the old in one step, so a reader sees all the old rows or all the new
-  ones. Returns (rows dropped, rows updated); the file is left alone when both are 0."""
+  file_size, file_modified)}) replaced, a row group at a time, with its schema and
+  metadata; the new file replaces the old in one step, so a reader sees all the old rows
+  or all the new ones. A part written before the file columns existed gets them (null
+  but for the rows given a size and time), so that the next resume need not read those
+  files again and the output's parts share one schema. Returns (rows dropped, rows
+  updated); the file is left alone when both are 0."""
   drop_keys = pa.array(sorted(set(drop_keys)), pa.string())
   new_sources = new_sources or {}
 
@@ -277,8 +290,9 @@ def update_rows(path, drop_keys=(), new_sources=None):
     keys = kept.column('key').to_pylist()
     updated = np.zeros(len(keys), bool)
     for position, name in enumerate(SOURCE_COLUMNS):
-      if name not in kept.column_names:
-        continue
+      if name not in kept.column_names:  # a part written before it existed
+        field = embeddings_schema(1).field(name)
+        kept = kept.append_column(field, pa.nulls(kept.num_rows, field.type))
       at = kept.schema.get_field_index(name)
       old = kept.column(at).to_pylist()
       new = [new_sources[key][position] if key in new_sources else value
@@ -295,9 +309,10 @@ def update_rows(path, drop_keys=(), new_sources=None):
   def write(target):
     with FileSystems.open(path) as source:
       parquet = pq.ParquetFile(source)
-      with part_writer(target, parquet.schema_arrow) as writer:
+      schema = _schema_with_source_columns(parquet.schema_arrow)
+      with part_writer(target, schema) as writer:
         for group in range(parquet.num_row_groups):
-          writer.write_table(changes(parquet.read_row_group(group))[2])
+          writer.write_table(changes(parquet.read_row_group(group))[2].select(schema.names))
 
   write_atomically(path, write)
   return dropped, updated

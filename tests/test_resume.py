@@ -647,7 +647,7 @@ def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
   assert manifest_counts(out)['unchanged_not_read'] == 7
 
 
-def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
+def test_resume_over_parts_without_file_times_reads_every_file_once(run_in_place):
   folder, out, resume_and_list_reads = run_in_place
   for part in out.glob('*/embeddings/part-*.parquet'):  # as an earlier version wrote them
     table = pq.read_table(part)
@@ -659,6 +659,17 @@ def test_resume_over_parts_without_file_times_reads_every_file(run_in_place):
   assert counts['reconciled'] is True and counts['unchanged_not_read'] == 0
   for model in MODELS:
     assert counts['models'][model]['resumed'] == 6 and counts['models'][model]['changed'] == 0
+    # The parts were given the columns and their files' sizes and times.
+    for part in out.glob('%s/embeddings/part-*.parquet' % model):
+      assert pq.read_schema(part).names == outputs.embeddings_schema(1).names
+    listed = pq.read_table(str(out / model / 'embeddings')).to_pylist()
+    assert {(row['file_size'], row['file_modified']) for row in listed} == {
+        (os.stat(folder / row['key']).st_size, os.stat(folder / row['key']).st_mtime)
+        for row in listed}
+
+  # So the next resume reads only the input that fails.
+  assert resume_and_list_reads() == [BAD_KEY]
+  assert manifest_counts(out)['unchanged_not_read'] == 6
 
 
 @pytest.mark.parametrize('rows,listed,expected', [

@@ -81,3 +81,25 @@ def test_vectors_are_written_without_a_dictionary(tmp_path):
   assert outputs.update_rows(path, ['img00007.jpg']) == (1, 0)
   _assert_written_as_a_part(path, 299)
   assert pq.read_schema(path).equals(schema, check_metadata=True)
+
+
+def test_a_part_written_before_the_file_columns_gets_them_when_rewritten(tmp_path):
+  options = PipelineOptions(['--direct_running_mode', 'in_memory'])
+  with beam.Pipeline(options=options) as pipeline:
+    _ = (pipeline
+         | beam.Create([_embedding(n) for n in range(300)])
+         | WriteEmbeddings(str(tmp_path), 'm', DIM))
+  path, = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), 'm'))
+  written = pq.read_table(path)
+  pq.write_table(written.drop_columns(['file_size', 'file_modified']), path)  # as before
+
+  assert outputs.update_rows(path, ['img00007.jpg'],
+                             {'img00009.jpg': ('/moved/img00009.jpg', 1234, 56.5)}) == (1, 1)
+  _assert_written_as_a_part(path, 299)
+  assert pq.read_schema(path).metadata == written.schema.metadata
+  rows = {row['key']: row for row in pq.read_table(path).to_pylist()}
+  assert (rows['img00009.jpg']['uri'], rows['img00009.jpg']['file_size'],
+          rows['img00009.jpg']['file_modified']) == ('/moved/img00009.jpg', 1234, 56.5)
+  assert (rows['img00010.jpg']['uri'], rows['img00010.jpg']['file_size'],
+          rows['img00010.jpg']['file_modified']) == ('/photos/img00010.jpg', None, None)
+  assert rows['img00010.jpg']['embedding'] == [10.0] * DIM
