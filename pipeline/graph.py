@@ -38,6 +38,8 @@ class JobConfig(NamedTuple):
   # across workers; None: decided from the patterns alone.
   spread_records: Optional[bool] = None
   max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are decode failures
+  # Whether a resume takes an image file of the same size and time as unchanged, unread
+  trust_file_times: bool = True
 
 
 UNREAD_FACT = 'unread'  # inputs a resume found unchanged in size and time, not read
@@ -143,8 +145,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
   read = pipeline | 'ReadImages' >> ReadImages(
       config.patterns, config.input_format, config.root, metrics, config.spread_records,
       excluded=config.out_dir,
-      skip_unchanged=completed.skip_unchanged(config.input_format, metrics) if completed
-      else None)
+      skip_unchanged=completed.skip_unchanged(config.input_format, metrics)
+      if completed and config.trust_file_times else None)
   images = completed.skip_completed(read.images) if completed else read.images
   decoded = images | 'DecodeImages' >> DecodeImages(
       [spec.input_size for spec in config.models], config.max_image_pixels)
@@ -186,7 +188,8 @@ def build_pipeline(pipeline, config: JobConfig, metrics=None):
 
   if completed:
     facts.append(completed.found_counts())
-    facts.append(_count(read.unread, UNREAD_FACT, 'unread'))
+    facts.append(_count(read.unread, UNREAD_FACT, 'unread') if read.unread is not None
+                 else pipeline | 'NoneUnread' >> beam.Create([(UNREAD_FACT, 0)]))
   all_failures = failures | 'AllFailures' >> beam.Flatten()
   failure_files = all_failures | 'WriteFailures' >> WriteFailures(config.out_dir, run_tag)
   failure_reasons = all_failures | 'FailureReasons' >> beam.CombineGlobally(FailureReasons())

@@ -143,6 +143,12 @@ def add_output_dir_flags(group):
            'manifest over everything (default: off). '
            'Example: --resume')
   group.add_argument(
+      '--resume_checksum', action='store_true',
+      help='with --resume: also read the image files unchanged in size and modification '
+           'time since they were embedded (which --resume alone trusts, as rsync does) '
+           'and compare their SHA-256, to find a file rewritten with its old size and '
+           'time (default: off). Example: --resume_checksum --resume')
+  group.add_argument(
       '--overwrite', action='store_true',
       help='delete the earlier run in --output first (without --resume or --overwrite, '
            'an --output holding a run is refused; default: off). Example: --overwrite')
@@ -337,6 +343,8 @@ def make_config(args, probe_in_subprocess=False):
   mistake stops the job before work starts. Raises UsageError."""
   if not args.input:
     raise UsageError('the following arguments are required: --input')
+  if args.resume_checksum and not args.resume:
+    raise UsageError('--resume_checksum applies to --resume only')
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
   check_output(out_dir)
@@ -373,7 +381,7 @@ def make_config(args, probe_in_subprocess=False):
       batch_size=args.batch_size, intra_op_threads=args.intra_op_threads,
       max_image_pixels=args.max_image_pixels,
       options={k: v for k, v in vars(args).items()}, started_at=outputs.utc_now(),
-      started_unix=time.time(), resume=resume,
+      started_unix=time.time(), resume=resume, trust_file_times=not args.resume_checksum,
       index_type=args.index_type, index_memory_budget=args.index_memory_budget,
       # The listing above already says whether a shuffle of every image's bytes is
       # needed: only shards hold many images per matched file. A pattern matching more

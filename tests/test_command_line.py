@@ -95,6 +95,7 @@ def run_in_process(argv, capsys):
                                         "'fast'"),
     (['--direct_num_workers', 'two'], "argument --direct_num_workers: invalid int value"),
     (['--runner', 'SpeedyRunner'], '--runner SpeedyRunner: Unexpected pipeline runner'),
+    (['--resume_checksum'], '--resume_checksum applies to --resume only'),
 ])
 def test_bad_flag_values_stop_with_one_line(one_photo, capsys, flags, expected):
   out = one_photo / 'out'

@@ -593,7 +593,7 @@ def run_in_place(tmp_path, test_models, monkeypatch):
   run_pipeline.main(job_args(folder, out, test_models, '--no_report'))
   real_read = read.read_image_file
 
-  def resume_and_list_reads():
+  def resume_and_list_reads(*flags):
     read_paths = []
 
     def counting_read(path, *args):
@@ -601,7 +601,7 @@ def run_in_place(tmp_path, test_models, monkeypatch):
       return real_read(path, *args)
 
     monkeypatch.setattr(read, 'read_image_file', counting_read)
-    run_pipeline.main(job_args(folder, out, test_models, '--resume', '--no_report'))
+    run_pipeline.main(job_args(folder, out, test_models, '--resume', '--no_report', *flags))
     monkeypatch.setattr(read, 'read_image_file', real_read)
     return sorted(read_paths)
   return folder, out, resume_and_list_reads
@@ -645,6 +645,28 @@ def test_resume_reads_only_files_new_or_changed_in_size_or_time(run_in_place):
   # rows were given its new time).
   assert resume_and_list_reads() == [BAD_KEY]
   assert manifest_counts(out)['unchanged_not_read'] == 7
+
+
+def test_resume_checksum_reads_every_file_and_finds_what_size_and_time_hide(run_in_place):
+  folder, out, resume_and_list_reads = run_in_place
+  before = {model: embeddings(out, model) for model in MODELS}
+  # Rewritten with another picture at the same size (bytes after the JPEG's end are
+  # ignored), its old time put back: only its bytes tell.
+  status = os.stat(folder / '0003.jpg')
+  other = (folder / '0000.jpg').read_bytes()
+  assert len(other) < status.st_size
+  (folder / '0003.jpg').write_bytes(other + bytes(status.st_size - len(other)))
+  os.utime(folder / '0003.jpg', ns=(status.st_atime_ns, status.st_mtime_ns))
+
+  assert resume_and_list_reads('--resume_checksum') == sorted(
+      p.name for p in folder.iterdir())
+
+  counts = manifest_counts(out)
+  assert counts['reconciled'] is True and counts['unchanged_not_read'] == 0
+  for model in MODELS:
+    assert counts['models'][model]['changed'] == 1 and counts['models'][model]['resumed'] == 5
+    np.testing.assert_allclose(embeddings(out, model)['0003.jpg'], before[model]['0000.jpg'],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_resume_over_parts_without_file_times_reads_every_file_once(run_in_place):
