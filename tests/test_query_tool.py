@@ -53,6 +53,35 @@ def test_images_from_file_equals_image_flags(query_run, tmp_path, capsys):
   assert [r['neighbors'][0]['key'] for r in from_file] == ['dogs/001.jpg', 'dogs/' + ODD_NAME]
 
 
+def test_many_query_images_are_embedded_a_batch_at_a_time(query_run, monkeypatch):
+  out, _, paths = query_run
+  paths = [str(path) for path in paths[:5]]
+  import transforms.models  # pylint: disable=import-outside-toplevel
+  batch_sizes = []
+  real_load = transforms.models.load_embedder
+
+  def recording_load(spec):
+    embedder = real_load(spec)
+
+    def embed(pixels):
+      batch_sizes.append(len(pixels))
+      return embedder(pixels)
+    embed.input_size = embedder.input_size
+    return embed
+  one_by_one = [query_index.run_queries(str(out), images=[path], k=3)[0] for path in paths]
+  monkeypatch.setattr(query_index, 'load_embedder', recording_load)
+  monkeypatch.setattr(query_index, 'QUERY_BATCH_IMAGES', 2)
+
+  together = query_index.run_queries(str(out), images=paths, k=3)
+  # A model check's picture, then the five images two at a time (memory stays bounded).
+  assert batch_sizes == [1, 2, 2, 1]
+  assert [r['query'] for r in together] == paths
+  for alone, batched in zip(one_by_one, together):
+    assert [n['key'] for n in alone['neighbors']] == [n['key'] for n in batched['neighbors']]
+    assert [n['score'] for n in alone['neighbors']] == pytest.approx(
+        [n['score'] for n in batched['neighbors']], abs=1e-5)
+
+
 def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   out, _, _ = query_run
   with pytest.raises(SystemExit) as exit_info:
