@@ -16,6 +16,7 @@ from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_bat
                               load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import (ModelSpec, ModelUnavailableError, load_embedder, model_response,
                                same_response)
+from transforms.read import folder_as_pattern, match_pattern, normalize_pattern, quote_glob
 from views import html, query_page
 
 
@@ -33,7 +34,8 @@ def build_parser():
   group.add_argument('--model', metavar='NAME',
                      help='which model of the run (optional when it has one)')
   group.add_argument('--image', action='append', default=[], metavar='PATH',
-                     help='query image (any Beam filesystem path); may repeat')
+                     help='query image (any Beam filesystem path), or a folder or glob '
+                          'pattern of them, as run_pipeline.py --input; may repeat')
   group.add_argument('--key', action='append', default=[], metavar='KEY',
                      help='key of an image already in the run; may repeat')
   group.add_argument('--images_from', action='append', default=[], metavar='FILE',
@@ -142,6 +144,18 @@ def stored_vectors(run_dir, model_name, keys):
   if missing:
     raise QueryError('no embedding with key %s in model %s' % (', '.join(missing), model_name))
   return np.stack([found[k] for k in keys])
+
+
+def query_image_paths(given):
+  """An --image value -> the query images it names, as --input names images: a file as
+  given, or every file below a folder or matching a glob pattern (sorted)."""
+  pattern = folder_as_pattern(normalize_pattern(given))
+  if pattern == quote_glob(normalize_pattern(given)):  # one file: keep it as typed
+    return [given]
+  paths = [metadata.path for metadata in match_pattern(pattern)]
+  if not paths:
+    raise QueryError('--image %s matches no files' % given)
+  return paths
 
 
 def read_image_list(path):
@@ -258,7 +272,7 @@ def run_command(args):
   if args.duplicates:
     _, groups = find_duplicates(args.run, model_name, args.threshold, args.k, manifest)
     return groups, model_name, manifest
-  images = list(args.image)
+  images = [path for given in args.image for path in query_image_paths(given)]
   for path in args.images_from:
     images += read_image_list(path)
   results = run_queries(args.run, model_name, images, args.key, args.k, manifest)

@@ -82,6 +82,30 @@ def test_many_query_images_are_embedded_a_batch_at_a_time(query_run, monkeypatch
         [n['score'] for n in batched['neighbors']], abs=1e-5)
 
 
+def test_a_folder_or_pattern_queries_every_image_it_names(query_run, tmp_path, capsys):
+  out, _, paths = query_run
+  folder = tmp_path / 'queries [new]'  # taken as it is, as --input takes it
+  (folder / 'more').mkdir(parents=True)
+  for path, name in zip(paths[:3], ('b.jpg', 'a.jpg', 'more/c.jpg')):
+    shutil.copy(path, folder / name)
+  named = [str(folder / name) for name in ('a.jpg', 'b.jpg', 'more/c.jpg')]
+  one_by_one = query_index.main(['--run', str(out), '--k', '2', '--format', 'json']
+                                + [flag for path in named for flag in ('--image', path)])
+  by_folder = query_index.main(['--run', str(out), '--k', '2', '--format', 'json',
+                                '--image', str(folder)])
+  by_pattern = query_index.main(['--run', str(out), '--k', '2', '--format', 'json',
+                                 '--image', str(folder).replace('[', '[[]') + '/**/*.jpg'])
+  capsys.readouterr()
+  assert [r['query'] for r in by_folder] == named
+  assert by_folder == one_by_one == by_pattern
+
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--image', str(tmp_path / '*.png')])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'query_index.py: error: --image %s matches no files' % (tmp_path / '*.png')]
+
+
 def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   out, _, _ = query_run
   with pytest.raises(SystemExit) as exit_info:
