@@ -189,11 +189,13 @@ def check_beam_args(beam_args, our_parser):
                        "does not expand them (--input 'photos/*.jpg'), and give each "
                        'value after its flag' % flag)
     name = flag.split('=', 1)[0]
-    close = difflib.get_close_matches(name, _option_names(our_parser) + _option_names(
-        parser), n=1)
+    # Compared without their dashes, which every flag shares ('--k' is not '--gbek').
+    close = difflib.get_close_matches(
+        name.lstrip('-'), [option[2:] for option in _option_names(our_parser)
+                           + _option_names(parser)], n=1)
     raise UsageError('unknown flag %s%s (run_pipeline.py --help lists ours; every '
                      'standard Beam pipeline option is accepted too)'
-                     % (name, ': did you mean %s?' % close[0] if close else ''))
+                     % (name, ': did you mean --%s?' % close[0] if close else ''))
   if known.runner:
     from apache_beam.runners.runner import create_runner  # pylint: disable=import-outside-toplevel
     try:

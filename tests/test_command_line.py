@@ -91,6 +91,7 @@ def run_in_process(argv, capsys):
     (['--direct_num_worker', '2'], 'unknown flag --direct_num_worker: did you mean '
                                    '--direct_num_workers?'),
     (['--batch', '8'], 'unknown flag --batch: did you mean --batch_size?'),
+    (['--k', '3'], 'unknown flag --k (run_pipeline.py --help lists ours'),  # nothing close
     (['--direct_running_mode', 'fast'], "argument --direct_running_mode: invalid choice: "
                                         "'fast'"),
     (['--direct_num_workers', 'two'], "argument --direct_num_workers: invalid int value"),
