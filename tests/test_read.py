@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -159,6 +160,28 @@ def test_unreadable_file_is_a_read_failure(tmp_path):
   server.close()
   record = read.read_image_file(str(tmp_path / 'sock.jpg'), str(tmp_path) + '/')
   assert isinstance(record, FailureRecord) and record.stage == 'read'
+
+
+@pytest.mark.parametrize('name,key', [('pipe.jpg', 'pipe.jpg'),
+                                      ('pipe.tfrecord', 'pipe.tfrecord#0'),
+                                      ('pipe.tar', 'pipe.tar#shard')])
+def test_a_named_pipe_among_the_inputs_is_a_read_failure_not_a_wait(tmp_path, name, key):
+  # Opening a named pipe waits for a writer: one left in an input folder hung the job.
+  import threading  # pylint: disable=import-outside-toplevel
+  os.mkfifo(tmp_path / name)
+  listed = read.InputFile(str(tmp_path / name), 0, 1.0)
+  records = []
+  reader = threading.Thread(target=lambda: records.extend(
+      read.read_path(listed, str(tmp_path) + '/', 'auto')), daemon=True)
+  reader.start()
+  reader.join(60)
+  if reader.is_alive():  # release the reader, then fail
+    os.close(os.open(tmp_path / name, os.O_WRONLY | os.O_NONBLOCK))
+    pytest.fail('reading a named pipe waited for a writer')
+  assert len(records) == 1 and isinstance(records[0], FailureRecord), records
+  assert (records[0].key, records[0].stage, records[0].error) == (
+      key, 'read', 'NotARegularFile')
+  assert 'is a named pipe, not a regular file' in records[0].message
 
 
 def test_webdataset_links_are_failures_never_followed(tmp_path):

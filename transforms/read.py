@@ -6,6 +6,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import struct
 import tarfile
 from typing import NamedTuple, Optional
@@ -294,6 +295,31 @@ def chunk_weight(metadata):
   return max(1, -(-size // BYTES_PER_CHUNK_UNIT))
 
 
+class NotARegularFile(OSError):  # pylint: disable=invalid-name
+  """A local input that is a named pipe, a socket or a device, not a file (named as the
+  failure of a WebDataset member that is no file)."""
+
+
+_SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, 'a named pipe'), (stat.S_ISSOCK, 'a socket'),
+                       (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'))
+
+
+def open_input(path, compression_type=CompressionTypes.AUTO):
+  """FileSystems.open of a matched input, refusing (NotARegularFile) a local one that
+  is not a regular file: reading a named pipe in an input folder waits for a writer
+  forever, and a device may never end."""
+  if '://' not in path:
+    try:
+      mode = os.stat(path).st_mode
+    except OSError:
+      mode = None  # opening it says why
+    if mode is not None and not stat.S_ISREG(mode):
+      kind = next((name for is_kind, name in _SPECIAL_FILE_KINDS if is_kind(mode)),
+                  'not a regular file')
+      raise NotARegularFile('%s is %s, not a regular file: not read' % (path, kind))
+  return FileSystems.open(path, compression_type=compression_type)
+
+
 def _read_up_to(handle, size):
   """The first `size` bytes of a stream (fewer at its end), even from a stream whose
   reads may return less than asked."""
@@ -311,7 +337,7 @@ def read_image_file(path, root, size=None, modified=None):
   given); any failure -> FailureRecord (stage read)."""
   key = relative_key(path, root)
   try:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with open_input(path, CompressionTypes.UNCOMPRESSED) as f:
       data = _read_up_to(f, IDENTIFYING_BYTES)
       # A video, a document or a sidecar file under an input folder fails to decode on
       # its first bytes alone, with the same reason: a 2 GB video is not read for that.
@@ -391,7 +417,7 @@ def read_tfrecord_shard(path, root):
   shard_key = relative_key(path, root)
   index = 0
   try:
-    with FileSystems.open(path) as handle:  # AUTO compression: .gz shards work too
+    with open_input(path) as handle:  # AUTO compression: .gz shards work too
       for payload in _iter_tfrecord_payloads(handle):
         key, uri = '%s#%d' % (shard_key, index), '%s#%d' % (path, index)
         index += 1
@@ -463,7 +489,7 @@ def read_webdataset_shard(path, root):
   """Yields an ImageRecord or FailureRecord for every sample of a WebDataset tar shard."""
   key, members, last_member = None, {}, None
   try:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with open_input(path, CompressionTypes.UNCOMPRESSED) as handle:
       with tarfile.open(fileobj=handle, mode='r:') as tar:
         for member in tar:
           if member.isdir():
