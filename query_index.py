@@ -11,6 +11,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 
 from schemas import outputs
+from schemas.records import utf8_text
 from transforms.decode import decode_image, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
@@ -186,9 +187,10 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=Non
   index, index_keys, index_uris = load_index(run_dir, entry['name'])
   results = search(index, index_keys, index_uris, normalize(np.concatenate(vectors)), k)
   uri_of = dict(zip(index_keys, index_uris)) if keys else {}
-  query_uris = list(images) + [uri_of.get(key, key) for key in keys]
-  return [{'query': query, 'query_uri': uri, 'neighbors': neighbors}
-          for query, uri, neighbors in zip(list(images) + list(keys), query_uris, results)]
+  # Paths as the run stores its own (a name that is not UTF-8 could not be printed).
+  query_uris = [utf8_text(path) for path in images] + [uri_of.get(key, key) for key in keys]
+  return [{'query': query, 'query_uri': uri, 'neighbors': neighbors} for query, uri, neighbors
+          in zip([utf8_text(path) for path in images] + list(keys), query_uris, results)]
 
 
 def _indexed_batches(run_dir, model_name, index_keys):

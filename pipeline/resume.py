@@ -11,7 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.runners import process_stat_field
 from schemas import outputs
-from schemas.records import ImageRecord, content_sha256
+from schemas.records import ImageRecord, content_sha256, utf8_text
 from transforms.metrics import INPUT_FILES_READ
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
 from transforms.read import SourceMatcher, format_of, literal_folder, relative_key
@@ -361,7 +361,8 @@ def unchanged_sha256(listed, model_names, rows):
   if len(same) != 1:
     return None
   sha256, uri, size, modified = same.pop()
-  return sha256 if (uri, size, modified) == (listed.path, listed.size, listed.modified) else None
+  return sha256 if (uri, size, modified) == (utf8_text(listed.path), listed.size,
+                                             listed.modified) else None
 
 
 class _SkipUnchangedDoFn(beam.DoFn):
@@ -377,12 +378,12 @@ class _SkipUnchangedDoFn(beam.DoFn):
 
   def process(self, listed, done):
     if format_of(listed.path, self._input_format) == 'files':  # a shard's rows: read it
-      key = relative_key(listed.path, self._root)
+      key = utf8_text(relative_key(listed.path, self._root))  # as the reader keys it
       sha256 = unchanged_sha256(listed, self._model_names, found_rows(key, done))
       if sha256:
         self._metrics.inc(INPUT_FILES_READ)  # as the reader counts every file it reads
         yield beam.pvalue.TaggedOutput(KNOWN_TAG, ImageRecord(
-            key=key, uri=listed.path, data=None, sha256=sha256, file_size=listed.size,
+            key=key, uri=utf8_text(listed.path), data=None, sha256=sha256, file_size=listed.size,
             file_modified=listed.modified))
         return
     yield listed

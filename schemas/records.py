@@ -42,6 +42,28 @@ class DecodedImage(NamedTuple):
   file_modified: Optional[float] = None
 
 
+def utf8_text(text):
+  """Text as every output stores it (Parquet strings, JSON, the terminal): valid UTF-8.
+  A file name holding bytes that are not UTF-8 (an old Latin-1 archive) comes from the
+  operating system with each such byte as a lone surrogate; it is written \\xNN instead
+  (caf\\xe9.jpg), which transforms.read.local_path_of turns back into the file's name."""
+  try:
+    text.encode('utf-8')
+    return text
+  except UnicodeEncodeError:
+    try:
+      return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+      return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def as_utf8(record):
+  """A record with every text field made utf8_text (a no-op for almost every record)."""
+  changed = {name: utf8_text(value) for name, value in zip(record._fields, record)
+             if isinstance(value, str) and not value.isascii()}
+  return record._replace(**changed) if changed else record
+
+
 def content_sha256(data):
   """The sha256 column of an embedding row: hex SHA-256 of the image's encoded bytes, by
   which a resumed run tells an input changed since it was embedded."""

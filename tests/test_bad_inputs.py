@@ -3,6 +3,7 @@ the job finishes, and read = embedded + failed for every model."""
 
 import io
 import json
+import os
 import socket
 import tarfile
 
@@ -250,3 +251,42 @@ def test_a_large_file_that_is_no_image_is_not_read_in_full(tmp_path):
   assert peak < 2**20
   failure = decode_record(record, [(32, 32)])
   assert (failure.stage, failure.message) == ('decode', 'unsupported or unrecognized image format')
+
+
+def test_file_names_that_are_not_utf8_are_embedded_and_found_again(tmp_path, test_models):
+  # An old Latin-1 archive: os.listdir gives such a name with a lone surrogate per byte,
+  # which no Parquet string can hold (it crashed the write stage).
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  latin1 = os.fsdecode(b'caf\xe9.jpg')
+  files = {latin1: 1, 'new\nline.jpg': 2, 'plain.jpg': 3}
+  for name, seed in files.items():
+    (folder / name).write_bytes(imagegen.encode(_photo(seed)))
+  with tarfile.open(folder / 'w.tar', 'w') as tar:  # a member name written the same way
+    encoded = imagegen.encode(_photo(4))
+    info = tarfile.TarInfo(os.fsdecode(b'd\xfcsseldorf.jpg'))
+    info.size = len(encoded)
+    tar.addfile(info, io.BytesIO(encoded))
+  out = tmp_path / 'out'
+  args = ['--input', str(folder), '--output', str(out), '--model', 'v3=' + test_models['v3_tf2'],
+          '--no_report', *IN_PROCESS]
+  run_pipeline.main(args)
+
+  rows = {row['key']: row for row in pq.read_table(str(out / 'v3' / 'embeddings')).to_pylist()}
+  assert sorted(rows) == ['caf\\xe9.jpg', 'd\\xfcsseldorf', 'new\nline.jpg', 'plain.jpg']
+  assert json.loads((out / 'manifest.json').read_text())['counts']['reconciled'] is True
+  # The stored uris lead back to the files (previews, queries).
+  from transforms.read import read_uri_bytes  # pylint: disable=import-outside-toplevel
+  assert read_uri_bytes(rows['caf\\xe9.jpg']['uri']) == (folder / latin1).read_bytes()
+  assert read_uri_bytes(rows['d\\xfcsseldorf']['uri']) == encoded
+  found = query_index.run_queries(str(out), keys=['caf\\xe9.jpg'], k=1)
+  assert found[0]['neighbors'][0]['key'] == 'caf\\xe9.jpg'
+  by_image = query_index.run_queries(str(out), images=[str(folder / latin1)], k=1)
+  assert by_image[0]['query'] == str(folder) + '/caf\\xe9.jpg'
+  assert by_image[0]['neighbors'][0]['key'] == 'caf\\xe9.jpg'
+
+  # A resume keys them as the run did: nothing changed, the files are not read again.
+  run_pipeline.main(args + ['--resume'])
+  counts = json.loads((out / 'manifest.json').read_text())['counts']
+  assert counts['unchanged_not_read'] == 3
+  assert counts['models']['v3']['resumed'] == 4 and counts['models']['v3']['removed'] == 0

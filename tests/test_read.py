@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import tensorflow as tf
 
-from schemas.records import FailureRecord, ImageRecord
+from schemas.records import FailureRecord, ImageRecord, utf8_text
 from transforms import read
 
 
@@ -182,6 +182,19 @@ def test_a_named_pipe_among_the_inputs_is_a_read_failure_not_a_wait(tmp_path, na
   assert (records[0].key, records[0].stage, records[0].error) == (
       key, 'read', 'NotARegularFile')
   assert 'is a named pipe, not a regular file' in records[0].message
+
+
+def test_a_stored_uri_names_its_file_even_when_the_name_is_not_utf8(tmp_path):
+  latin1 = tmp_path / os.fsdecode(b'caf\xe9.jpg')
+  literal = tmp_path / 'caf\\xe9.jpg'  # a name that holds a backslash itself
+  latin1.write_bytes(b'latin-1 name')
+  stored = utf8_text(str(latin1))
+  assert stored == str(tmp_path) + '/caf\\xe9.jpg' and stored.encode('utf-8')
+  assert read.local_path_of(stored) == str(latin1)
+  assert read.read_uri_bytes(stored) == b'latin-1 name'
+  literal.write_bytes(b'backslash in name')  # named as written: taken as it is
+  assert read.local_path_of(stored) == str(literal)
+  assert utf8_text('caf\u00e9.jpg') == 'caf\u00e9.jpg'  # UTF-8 names are left alone
 
 
 def test_webdataset_links_are_failures_never_followed(tmp_path):

@@ -17,7 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from schemas.outputs import GLOB_CHARS
-from schemas.records import FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord
+from schemas.records import (FAILURES_TAG, STAGE_READ, FailureRecord, ImageRecord, as_utf8,
+                             utf8_text)
 from transforms.decode import IDENTIFYING_BYTES, may_be_decodable
 from transforms.failures import route_failures
 from transforms.metrics import INPUT_FILES_READ, RunMetrics
@@ -530,8 +531,9 @@ _READERS = {
 
 
 def read_path(listed, root, input_format):
-  """Every ImageRecord or FailureRecord of one matched input file (an InputFile)."""
-  return _READERS[format_of(listed.path, input_format)](listed, root)
+  """Every ImageRecord or FailureRecord of one matched input file (an InputFile), its
+  keys, uris and labels as UTF-8 text (see utf8_text)."""
+  return map(as_utf8, _READERS[format_of(listed.path, input_format)](listed, root))
 
 
 class _ReadDoFn(beam.DoFn):
@@ -624,9 +626,22 @@ class ReadImages(beam.PTransform):
     return ReadOutputs(images=images, failures=read[FAILURES_TAG], unread=known)
 
 
+_ESCAPED_BYTE = re.compile(r'\\x([89a-f][0-9a-f])')
+
+
+def local_path_of(uri):
+  """The path of this machine that a stored uri names: utf8_text undone, when the uri as
+  written names no file and a name escaped by it does."""
+  if '://' in uri or os.path.lexists(uri) or not _ESCAPED_BYTE.search(uri):
+    return uri
+  named = _ESCAPED_BYTE.sub(lambda match: chr(0xDC00 + int(match.group(1), 16)), uri)
+  return named if os.path.lexists(named) or os.path.lexists(named.rpartition('#')[0]) else uri
+
+
 def read_uri_bytes(uri):
   """The encoded image behind a uri that this stage wrote (a file, 'shard.tfrecord#N' or
   'shard.tar#KEY.ext'), for previews and queries of a finished run."""
+  uri = local_path_of(uri)
   if FileSystems.exists(uri) or '#' not in uri:
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       return f.read()
