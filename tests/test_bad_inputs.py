@@ -90,9 +90,9 @@ OTHER_CASES = {
     'shards/s.tfrecord#0': EMBEDDED,
     'shards/s.tfrecord#1': ('read', 'checksum'),
     'shards/s.tfrecord#2': EMBEDDED,
-    '000000000': EMBEDDED,
-    '000000001': EMBEDDED,
-    '000000002': ('read', ''),  # the tar ends inside this sample's image
+    'shards/000000000': EMBEDDED,  # a WebDataset sample, keyed below its shard's folder
+    'shards/000000001': EMBEDDED,
+    'shards/000000002': ('read', ''),  # the tar ends inside this sample's image
 }
 EXPECTED = dict({'files/' + name: outcome for name, (_, outcome) in FILE_CASES.items()},
                 **OTHER_CASES)

@@ -51,3 +51,33 @@ def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
   counts = json.loads((out / 'manifest.json').read_text())['counts']
   assert counts['read'] == 8 and counts['models']['v1'] == {
       'embedded': 7, 'failed': 1, 'embed_failed': 0}
+
+
+def test_two_img2dataset_folders_keep_their_samples_apart(tmp_path, shards, test_models):
+  # Both downloads number their samples from 000000000: keyed by the sample key alone,
+  # the second folder's rows collided with the first's, and every resume embedded them
+  # all again.
+  library = tmp_path / 'library'
+  for name, seed in (('cc3m', 20), ('laion', 30)):
+    (library / name).mkdir(parents=True)
+    with tarfile.open(library / name / '00000.tar', 'w') as tar:
+      for i in range(2):
+        data = imagegen.encode(imagegen.photo(seed + i))
+        info = tarfile.TarInfo('%09d.jpg' % i)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  out = tmp_path / 'out'
+  args = ['--input', str(library / 'cc3m'), '--input', str(library / 'laion'),
+          '--output', str(out), '--model', 'v1=' + test_models['v1_tf1'], '--no_report',
+          *IN_PROCESS]
+  run_pipeline.main(args)
+  rows = {r['key']: r for r in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist()}
+  assert sorted(rows) == ['cc3m/000000000', 'cc3m/000000001', 'laion/000000000',
+                          'laion/000000001']
+  assert rows['laion/000000001']['uri'] == str(library / 'laion' / '00000.tar') + '#000000001.jpg'
+
+  run_pipeline.main(args + ['--resume'])
+  counts = json.loads((out / 'manifest.json').read_text())['counts']['models']['v1']
+  assert (counts['resumed'], counts['changed'], counts['removed']) == (4, 0, 0)
+  assert sorted(r['key'] for r in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist()) == (
+      sorted(rows))

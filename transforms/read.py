@@ -437,9 +437,11 @@ def read_tfrecord_shard(path, root):
                                        '%s#%d' % (path, index), STAGE_READ, e)
 
 
-def _webdataset_sample(shard_path, key, members):
-  """Members of one WebDataset sample ({extension: bytes}) -> ImageRecord or FailureRecord."""
+def _webdataset_sample(shard_path, folder_key, key, members):
+  """Members of one WebDataset sample ({extension: bytes}) -> ImageRecord or FailureRecord,
+  keyed by its shard's folder (folder_key, see read_webdataset_shard) and its own key."""
   uri = '%s#%s' % (shard_path, key)
+  key = folder_key + key
   image_ext = next((e for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
   if image_ext is not None and isinstance(members[image_ext], tarfile.TarInfo):
     link = members[image_ext]
@@ -487,7 +489,12 @@ def _tar_properly_ended(handle, offset):
 
 
 def read_webdataset_shard(path, root):
-  """Yields an ImageRecord or FailureRecord for every sample of a WebDataset tar shard."""
+  """Yields an ImageRecord or FailureRecord for every sample of a WebDataset tar shard.
+  A sample's key is its own below the folder of its shard, relative to root: the sample
+  key alone for the shards of one folder (img2dataset numbers its samples across all
+  the shards it writes), 'cc3m/000000000' beside 'laion/000000000' for two such folders,
+  whose numbers both start at 0."""
+  folder_key = relative_key(posixpath.dirname(path) + '/', root)
   key, members, last_member = None, {}, None
   try:
     with open_input(path, CompressionTypes.UNCOMPRESSED) as handle:
@@ -497,7 +504,7 @@ def read_webdataset_shard(path, root):
             continue
           member_key, extension = split_member_name(member.name)
           if member_key != key and key is not None:
-            yield _webdataset_sample(path, key, members)
+            yield _webdataset_sample(path, folder_key, key, members)
             members = {}
           key = member_key
           # Links and special files are kept as their TarInfo, never followed: member
@@ -508,12 +515,15 @@ def read_webdataset_shard(path, root):
   except Exception as e:  # pylint: disable=broad-except
     # The sample being read is lost; WebDataset samples carry their own keys, and the
     # shard's path names a failure before the first one.
-    failed_key = key if key is not None else relative_key(path, root) + '#shard'
-    yield FailureRecord.from_exception(failed_key, '%s#%s' % (path, failed_key),
-                                       STAGE_READ, e)
+    if key is None:
+      failed_key = relative_key(path, root) + '#shard'
+      failed_uri = '%s#%s' % (path, failed_key)
+    else:
+      failed_key, failed_uri = folder_key + key, '%s#%s' % (path, key)
+    yield FailureRecord.from_exception(failed_key, failed_uri, STAGE_READ, e)
     return
   if key is not None:
-    yield _webdataset_sample(path, key, members)
+    yield _webdataset_sample(path, folder_key, key, members)
   if not ended:
     shard_key = relative_key(path, root) + '#end'
     yield FailureRecord(
