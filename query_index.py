@@ -17,7 +17,8 @@ from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_bat
                               load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import (ModelSpec, ModelUnavailableError, load_embedder, model_response,
                                same_response)
-from transforms.read import folder_as_pattern, match_pattern, normalize_pattern, quote_glob
+from transforms.read import (folder_as_pattern, match_pattern, normalize_pattern, quote_glob,
+                             relative_key)
 from views import html, query_page
 
 
@@ -135,15 +136,26 @@ def embed_query_images(paths, spec, max_pixels, run_dir):
       for start in range(0, len(paths), QUERY_BATCH_IMAGES)])
 
 
-def stored_vectors(run_dir, model_name, keys):
-  """Stored embeddings of the given keys, in the order asked."""
+def stored_vectors(run_dir, model_name, keys, root=None):
+  """Stored embeddings of the given keys, in the order asked. root: the folder the run's
+  keys are relative to, to say which key a path given as a key has."""
+  # A path given for a key (a common slip): the key its file would have.
+  keys_of_paths = {}
+  for key in keys:
+    path = normalize_pattern(key)
+    if root and path.startswith(root) and path != root:
+      keys_of_paths[key] = relative_key(path, root)
   paths = outputs.matching_paths(outputs.embeddings_glob(run_dir, model_name))
   table = outputs.read_parquet(paths, columns=['key', 'embedding'],
-                               filters=[('key', 'in', list(keys))])
+                               filters=[('key', 'in', list(keys) + list(keys_of_paths.values()))])
   found = dict(zip(table.column('key').to_pylist(), embeddings_matrix(table)))
   missing = [k for k in keys if k not in found]
   if missing:
-    raise QueryError('no embedding with key %s in model %s' % (', '.join(missing), model_name))
+    hints = ['%s is the key of %s' % (keys_of_paths[k], k) for k in missing
+             if keys_of_paths.get(k) in found]
+    raise QueryError('no embedding with key %s in model %s%s' % (
+        ', '.join(missing), model_name, ' (%s; keys are paths relative to %s)' % (
+            ', '.join(hints), root) if hints else ''))
   return np.stack([found[k] for k in keys])
 
 
@@ -183,7 +195,8 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=Non
     vectors.append(embed_query_images(images, spec_of(entry), max_pixels_of_run(manifest),
                                       run_dir))
   if keys:
-    vectors.append(stored_vectors(run_dir, entry['name'], keys))
+    vectors.append(stored_vectors(run_dir, entry['name'], keys,
+                                  manifest.get('input', {}).get('root')))
   index, index_keys, index_uris = load_index(run_dir, entry['name'])
   results = search(index, index_keys, index_uris, normalize(np.concatenate(vectors)), k)
   uri_of = dict(zip(index_keys, index_uris)) if keys else {}

@@ -106,6 +106,19 @@ def test_a_folder_or_pattern_queries_every_image_it_names(query_run, tmp_path, c
       'query_index.py: error: --image %s matches no files' % (tmp_path / '*.png')]
 
 
+def test_a_path_given_as_a_key_is_told_its_key(query_run, capsys):
+  out, root, paths = query_run
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--key', str(paths[1])])
+  assert exit_info.value.code == 2
+  key = str(paths[1].relative_to(root))
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'query_index.py: error: no embedding with key %s in model v3 (%s is the key of %s; '
+      'keys are paths relative to %s/)' % (paths[1], key, paths[1], root)]
+  assert query_index.main(['--run', str(out), '--key', key, '--k', '1'])[0]['neighbors'][0][
+      'key'] == key
+
+
 def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   out, _, _ = query_run
   with pytest.raises(SystemExit) as exit_info:
