@@ -108,6 +108,37 @@ def test_webdataset_samples_group_members(tmp_path):
   assert isinstance(records[2], FailureRecord) and 'no image' in records[2].message
 
 
+def test_webdataset_json_that_is_no_object_is_kept_as_text(tmp_path):
+  # A .json member holding a list cost the rest of its shard (every later sample lost).
+  shard = tmp_path / '00000.tar'
+  metadata = [b'[1, 2]', b'"text"', b'{"url": "http://x"}', b'[' * 100000, b'{not json']
+  write_tar(shard, [member for n, data in enumerate(metadata)
+                    for member in (('%09d.jpg' % n, b'img%d' % n), ('%09d.json' % n, data))])
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [(type(r).__name__, r.key, r.data) for r in records] == [
+      ('ImageRecord', '%09d' % n, b'img%d' % n) for n in range(5)]
+  assert [json.loads(r.metadata) for r in records] == [
+      {'json': '[1, 2]'}, {'json': '"text"'}, {'url': 'http://x'}, {'json': '[' * 100000},
+      {'json': '{not json'}]
+
+
+def test_a_sample_that_cannot_be_made_costs_only_itself(tmp_path, monkeypatch):
+  shard = tmp_path / '00000.tar'
+  write_tar(shard, [('%09d.jpg' % n, b'img%d' % n) for n in range(3)])
+  real_sample = read._webdataset_sample  # pylint: disable=protected-access
+
+  def failing_on_the_second(shard_path, folder_key, key, members):
+    if key == '000000001':
+      raise RuntimeError('cannot make this sample')
+    return real_sample(shard_path, folder_key, key, members)
+  monkeypatch.setattr(read, '_webdataset_sample', failing_on_the_second)
+  records = list(read.read_webdataset_shard(str(shard), str(tmp_path) + '/'))
+  assert [(type(r).__name__, r.key) for r in records] == [
+      ('ImageRecord', '000000000'), ('FailureRecord', '000000001'), ('ImageRecord', '000000002')]
+  assert (records[1].stage, records[1].error, records[1].uri) == (
+      'read', 'RuntimeError', str(shard) + '#000000001')
+
+
 def test_webdataset_truncated_tar_reports_failure(tmp_path):
   shard = tmp_path / '00000.tar'
   write_tar(shard, [('a.jpg', b'x' * 600), ('b.jpg', b'y' * 5000)])

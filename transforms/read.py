@@ -456,10 +456,16 @@ def _webdataset_sample(shard_path, folder_key, key, members):
                          % ', '.join(sorted(members)))
   metadata = {}
   if 'json' in members:
+    text = members['json'].decode('utf-8', 'replace')
     try:
-      metadata.update(json.loads(members['json'].decode('utf-8')))
-    except ValueError:
-      metadata['json'] = members['json'].decode('utf-8', 'replace')
+      parsed = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+      parsed = None
+    # Its fields when it is an object (img2dataset's), else the text as it is.
+    if isinstance(parsed, dict):
+      metadata.update(parsed)
+    else:
+      metadata['json'] = text
   if 'txt' in members:
     metadata['caption'] = members['txt'].decode('utf-8', 'replace')
   label = members['cls'].decode('utf-8', 'replace').strip() if 'cls' in members else None
@@ -467,6 +473,16 @@ def _webdataset_sample(shard_path, folder_key, key, members):
                      label=label,
                      metadata=json.dumps(metadata, sort_keys=True, default=str)
                      if metadata else None)
+
+
+def _sample_or_failure(shard_path, folder_key, key, members):
+  """_webdataset_sample, with anything it raises a failure of that sample alone: the
+  shard's other samples are still read."""
+  try:
+    return _webdataset_sample(shard_path, folder_key, key, members)
+  except Exception as e:  # pylint: disable=broad-except
+    return FailureRecord.from_exception(folder_key + key, '%s#%s' % (shard_path, key),
+                                        STAGE_READ, e)
 
 
 def split_member_name(name):
@@ -504,7 +520,7 @@ def read_webdataset_shard(path, root):
             continue
           member_key, extension = split_member_name(member.name)
           if member_key != key and key is not None:
-            yield _webdataset_sample(path, folder_key, key, members)
+            yield _sample_or_failure(path, folder_key, key, members)
             members = {}
           key = member_key
           # Links and special files are kept as their TarInfo, never followed: member
@@ -523,7 +539,7 @@ def read_webdataset_shard(path, root):
     yield FailureRecord.from_exception(failed_key, failed_uri, STAGE_READ, e)
     return
   if key is not None:
-    yield _webdataset_sample(path, folder_key, key, members)
+    yield _sample_or_failure(path, folder_key, key, members)
   if not ended:
     shard_key = relative_key(path, root) + '#end'
     yield FailureRecord(
