@@ -131,9 +131,14 @@ def embed_query_images(paths, spec, max_pixels, run_dir):
     except Exception as e:  # pylint: disable=broad-except
       raise QueryError('cannot use query image %s: %s' % (path, e)) from e
   paths = list(paths)
-  return np.concatenate([
+  vectors = np.concatenate([
       embedder(np.stack([pixels_of(path) for path in paths[start:start + QUERY_BATCH_IMAGES]]))
       for start in range(0, len(paths), QUERY_BATCH_IMAGES)])
+  for path, finite in zip(paths, np.isfinite(vectors).all(axis=1)):
+    if not finite:  # as the run makes such an image a failure: nothing to compare
+      raise QueryError('cannot use query image %s: the model gave non-finite values (NaN '
+                       'or infinity) for it' % utf8_text(path))
+  return vectors
 
 
 def stored_vectors(run_dir, model_name, keys, root=None):

@@ -164,6 +164,24 @@ def save_projection(dim, size, path, seed=0):
   return path
 
 
+class _DarkNaNProjection(tf.Module):
+  """A model that gives NaN for nearly black images (the square root of a negative
+  number), as an unstable model or a broken conversion may."""
+
+  def __init__(self, dim, size):
+    super().__init__()
+    self.weights = tf.Variable(np.random.default_rng(0).standard_normal((3, dim)),
+                               dtype=tf.float32)
+    self.__call__ = tf.function(
+        lambda images: tf.sqrt(tf.reduce_mean(images, axis=[1, 2]) - 0.1) @ self.weights,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+
+
+def save_dark_nan_projection(dim, size, path):
+  tf.saved_model.save(_DarkNaNProjection(dim, size), path)
+  return path
+
+
 class _CountingProjection(tf.Module):
   """A model with state: each call adds the batch size to `calls`. Its variables cannot
   be made constants."""

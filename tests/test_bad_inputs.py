@@ -290,3 +290,34 @@ def test_file_names_that_are_not_utf8_are_embedded_and_found_again(tmp_path, tes
   counts = json.loads((out / 'manifest.json').read_text())['counts']
   assert counts['unchanged_not_read'] == 3
   assert counts['models']['v3']['resumed'] == 4 and counts['models']['v3']['removed'] == 0
+
+
+def test_an_image_a_model_gives_nan_for_is_that_model_s_failure(tmp_path, test_models):
+  import model_factory  # pylint: disable=import-outside-toplevel
+  unstable = model_factory.save_dark_nan_projection(8, 32, str(tmp_path / 'unstable'))
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  (folder / 'photo.jpg').write_bytes(imagegen.encode(_photo()))
+  for name, colour in (('black.png', (0, 0, 0)), ('white.png', (255, 255, 255))):
+    (folder / name).write_bytes(imagegen.encode(Image.new('RGB', (40, 30), colour), 'PNG'))
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(folder), '--output', str(out), '--no_report',
+                     '--model', 'unstable=' + unstable, '--model', 'v3=' + test_models['v3_tf2'],
+                     *IN_PROCESS])
+
+  failures = pq.read_table(str(out / 'failures')).to_pylist()
+  assert [(f['key'], f['stage'], f['error'], f['model']) for f in failures] == [
+      ('black.png', 'embed', 'NonFiniteEmbedding', 'unstable')]
+  assert failures[0]['message'] == (
+      'the model gave 8 non-finite values (NaN or infinity) of 8 for this image')
+  keys = {model: sorted(pq.read_table(str(out / model / 'embeddings')).column('key').to_pylist())
+          for model in ('unstable', 'v3')}
+  assert keys == {'unstable': ['photo.jpg', 'white.png'],
+                  'v3': ['black.png', 'photo.jpg', 'white.png']}
+  counts = json.loads((out / 'manifest.json').read_text())['counts']
+  assert counts['reconciled'] is True
+  assert counts['models']['unstable'] == {'embedded': 2, 'failed': 1, 'embed_failed': 1}
+  found = query_index.run_queries(str(out), 'unstable', keys=['white.png'], k=5)
+  assert [n['key'] for n in found[0]['neighbors']] == ['white.png', 'photo.jpg']
+  with pytest.raises(query_index.QueryError, match='black.png: the model gave non-finite'):
+    query_index.run_queries(str(out), 'unstable', images=[str(folder / 'black.png')])

@@ -8,7 +8,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from schemas.records import STAGE_EMBED, DecodedImage, Embedding, FailureRecord
+from schemas.records import FAILURES_TAG, STAGE_EMBED, DecodedImage, Embedding, FailureRecord
+from transforms.failures import route_failures
 from transforms.models import ModelSpec, import_tensorflow, load_embedder
 
 # Small batches keep a MobileNet's activations in cache: on a 2-core machine, one
@@ -63,15 +64,27 @@ def settle_worker_heap():
   return True
 
 
+NON_FINITE_ERROR = 'NonFiniteEmbedding'
+
+
 def embed_batch(images, embedder, model_name):
-  """A list of DecodedImage -> a list of Embedding, through one model call.
+  """A list of DecodedImage -> a list of Embedding, through one model call; a
+  FailureRecord (stage embed) for an image the model gave NaN or infinite values: such a
+  vector has no direction to compare, and one among the training vectors of a FAISS
+  index spoils every cluster it joins.
 
   The pixels are dropped from the outputs: downstream stages need only the metadata.
   """
   size = tuple(embedder.input_size)
   vectors = embedder(np.stack([image.pixels[size] for image in images]))
+  finite = np.isfinite(vectors).all(axis=1)
   return [Embedding(image=image._replace(pixels=None), model=model_name, vector=vector)
-          for image, vector in zip(images, vectors)]
+          if ok else FailureRecord(
+              key=image.key, uri=image.uri, stage=STAGE_EMBED, error=NON_FINITE_ERROR,
+              message='the model gave %d non-finite values (NaN or infinity) of %d for this '
+              'image' % (np.count_nonzero(~np.isfinite(vector)), len(vector)),
+              model=model_name)
+          for image, vector, ok in zip(images, vectors, finite)]
 
 
 class EmbeddingModelHandler(ModelHandler[DecodedImage, Embedding, object]):
@@ -125,8 +138,12 @@ class EmbedImages(beam.PTransform):
 
   def expand(self, decoded):
     name = self._spec.name
-    embeddings, dead_letters = (
+    results, dead_letters = (
         decoded | 'RunInference' >> RunInference(self._handler).with_exception_handling())
-    failures = dead_letters.failed_inferences | 'FailureRecords' >> beam.FlatMap(
-        failures_of_batch, name)
-    return {'embeddings': embeddings, 'failures': failures}
+    embedded = results | 'NonFinite' >> beam.FlatMap(
+        lambda result: route_failures([result])).with_outputs(FAILURES_TAG, main='embeddings')
+    failures = ((dead_letters.failed_inferences
+                 | 'FailureRecords' >> beam.FlatMap(failures_of_batch, name),
+                 embedded[FAILURES_TAG])
+                | 'Failures' >> beam.Flatten())
+    return {'embeddings': embedded.embeddings, 'failures': failures}
