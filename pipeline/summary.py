@@ -41,6 +41,21 @@ def _resume_lines(models):
   return lines
 
 
+def _repeated_key_lines(manifest):
+  """A warning per model whose rows repeat keys (see transforms.index.repeated_keys)."""
+  lines = []
+  for model in manifest.get('models', []):
+    index = model.get('index') or {}
+    if index.get('repeated_key_rows'):
+      lines.append(
+          '  warning: %s: %s rows repeat the key of another (%s): a key should name one '
+          'image, or queries by key and --resume cannot tell them apart; WebDataset '
+          'shards that reuse sample keys belong in folders of their own' % (
+              model['name'], format(index['repeated_key_rows'], ','),
+              ', '.join(index['repeated_key_examples'])))
+  return lines
+
+
 def format_summary(manifest, out_dir, with_report=True):
   """The manifest -> the lines printed when the run ends: per model images embedded,
   failures and throughput; failures by reason with a count and an example; wall time;
@@ -54,6 +69,7 @@ def format_summary(manifest, out_dir, with_report=True):
   lines = ['run summary'] + ['  ' + line for line in _table(
       ['model', 'embedded', 'failed', 'images/s'], rows, (1, 2, 3))]
   lines.extend(_resume_lines(counts['models']))
+  lines.extend(_repeated_key_lines(manifest))
   if counts.get('unchanged_not_read'):
     lines.append('  %s inputs unchanged in size and time since: not read again' % format(
         counts['unchanged_not_read'], ','))

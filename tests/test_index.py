@@ -293,3 +293,14 @@ def test_an_exact_index_is_copied_into_place_not_written_again(synthetic_run, mo
   keys = ['img%09d' % i for i in (7, 2999)]
   for key, result in zip(keys, query_index.run_queries(str(out), keys=keys, k=1)):
     assert result['neighbors'][0]['key'] == key
+
+
+@pytest.mark.parametrize('keys,expected', [
+    ([], (0, [])),
+    (['a'], (0, [])),
+    (['a', 'b', 'c'], (0, [])),
+    (['a', 'a', 'a', 'b', 'c', 'c', 'd', 'e', 'e', 'f', 'f'], (5, ['a', 'c', 'e'])),
+])
+def test_repeated_keys(keys, expected):
+  found = index_stage.repeated_keys(pa.chunked_array([pa.array(keys, pa.string())]))
+  assert (found['repeated_key_rows'], found['repeated_key_examples']) == expected

@@ -53,19 +53,24 @@ def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
       'embedded': 7, 'failed': 1, 'embed_failed': 0}
 
 
-def test_two_img2dataset_folders_keep_their_samples_apart(tmp_path, shards, test_models):
+def _img2dataset_shard(path, seed, samples=2):
+  """A tar as img2dataset writes one: samples numbered from 000000000."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tarfile.open(path, 'w') as tar:
+    for i in range(samples):
+      data = imagegen.encode(imagegen.photo(seed + i))
+      info = tarfile.TarInfo('%09d.jpg' % i)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_two_img2dataset_folders_keep_their_samples_apart(tmp_path, test_models, capsys):
   # Both downloads number their samples from 000000000: keyed by the sample key alone,
   # the second folder's rows collided with the first's, and every resume embedded them
   # all again.
   library = tmp_path / 'library'
-  for name, seed in (('cc3m', 20), ('laion', 30)):
-    (library / name).mkdir(parents=True)
-    with tarfile.open(library / name / '00000.tar', 'w') as tar:
-      for i in range(2):
-        data = imagegen.encode(imagegen.photo(seed + i))
-        info = tarfile.TarInfo('%09d.jpg' % i)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+  _img2dataset_shard(library / 'cc3m' / '00000.tar', 20)
+  _img2dataset_shard(library / 'laion' / '00000.tar', 30)
   out = tmp_path / 'out'
   args = ['--input', str(library / 'cc3m'), '--input', str(library / 'laion'),
           '--output', str(out), '--model', 'v1=' + test_models['v1_tf1'], '--no_report',
@@ -75,9 +80,28 @@ def test_two_img2dataset_folders_keep_their_samples_apart(tmp_path, shards, test
   assert sorted(rows) == ['cc3m/000000000', 'cc3m/000000001', 'laion/000000000',
                           'laion/000000001']
   assert rows['laion/000000001']['uri'] == str(library / 'laion' / '00000.tar') + '#000000001.jpg'
+  assert json.loads((out / 'v1' / 'index_info.json').read_text())['repeated_key_rows'] == 0
 
   run_pipeline.main(args + ['--resume'])
   counts = json.loads((out / 'manifest.json').read_text())['counts']['models']['v1']
   assert (counts['resumed'], counts['changed'], counts['removed']) == (4, 0, 0)
   assert sorted(r['key'] for r in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist()) == (
       sorted(rows))
+  assert 'warning' not in capsys.readouterr().out
+
+
+def test_shards_of_one_folder_that_reuse_sample_keys_are_warned_of(tmp_path, test_models,
+                                                                   capsys):
+  folder = tmp_path / 'shards'
+  _img2dataset_shard(folder / '00000.tar', 20, samples=3)
+  _img2dataset_shard(folder / '00001.tar', 30, samples=2)  # numbered from 0 again
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(folder), '--output', str(out), '--no_report',
+                     '--model', 'v1=' + test_models['v1_tf1'], *IN_PROCESS])
+  info = json.loads((out / 'v1' / 'index_info.json').read_text())
+  assert (info['repeated_key_rows'], info['repeated_key_examples']) == (
+      2, ['000000000', '000000001'])
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['models'][0]['index']['repeated_key_rows'] == 2
+  assert ('  warning: v1: 2 rows repeat the key of another (000000000, 000000001): a key '
+          'should name one image' in capsys.readouterr().out)

@@ -592,9 +592,28 @@ def finish_index(plan, index, truth, started, filled_file=None):
     ids = ids.take(pa.array(np.argsort(plan.ranks)))  # row i = id i
   outputs.write_parquet(outputs.output_path(model_dir, outputs.INDEX_IDS_FILE),
                         ids.select(['key', 'uri']).cast(outputs.INDEX_IDS_SCHEMA))
+  info.update(repeated_keys(ids.column('key')))
   info['build_seconds'] = round(time.time() - started, 3)
   outputs.write_json(outputs.output_path(model_dir, outputs.INDEX_INFO_FILE), info)
   return info
+
+
+REPEATED_KEY_EXAMPLES = 3
+
+
+def repeated_keys(sorted_keys):
+  """{'repeated_key_rows': rows whose key an earlier row has, 'repeated_key_examples': the
+  first such keys} of a model's sorted keys. Every key should name one image: WebDataset
+  shards of one folder that reuse each other's sample keys break that, and with it a
+  query by key and a resume."""
+  if len(sorted_keys) < 2:
+    return {'repeated_key_rows': 0, 'repeated_key_examples': []}
+  later, earlier = sorted_keys.slice(1), sorted_keys.slice(0, len(sorted_keys) - 1)
+  same = pc.fill_null(pc.equal(later, earlier), False)
+  rows = pc.sum(same).as_py() or 0
+  examples = (pc.unique(later.filter(same)).slice(0, REPEATED_KEY_EXAMPLES).to_pylist()
+              if rows else [])
+  return {'repeated_key_rows': rows, 'repeated_key_examples': examples}
 
 
 def build_model_index(out_dir, model_name, paths, index_type=AUTO,
