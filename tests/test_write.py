@@ -66,15 +66,21 @@ def _assert_written_as_a_part(path, rows):
   assert table.num_rows == rows
 
 
-def test_vectors_are_written_without_a_dictionary(tmp_path):
-  # Feature vectors rarely repeat a float, so a dictionary per row group only grew the
-  # files; the string columns keep theirs (one model name for every row).
+def _write_one_part(out_dir, rows=300):
+  """The path of the one embeddings part the write stage makes of `rows` embeddings."""
   options = PipelineOptions(['--direct_running_mode', 'in_memory'])
   with beam.Pipeline(options=options) as pipeline:
     _ = (pipeline
-         | beam.Create([_embedding(n) for n in range(300)])
-         | WriteEmbeddings(str(tmp_path), 'm', DIM))
-  path, = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), 'm'))
+         | beam.Create([_embedding(n) for n in range(rows)])
+         | WriteEmbeddings(str(out_dir), 'm', DIM))
+  path, = outputs.matching_paths(outputs.embeddings_glob(str(out_dir), 'm'))
+  return path
+
+
+def test_vectors_are_written_without_a_dictionary(tmp_path):
+  # Feature vectors rarely repeat a float, so a dictionary per row group only grew the
+  # files; the string columns keep theirs (one model name for every row).
+  path = _write_one_part(tmp_path)
   _assert_written_as_a_part(path, 300)
   # A resume that drops rows rewrites the part as the write stage wrote it.
   schema = pq.read_schema(path)
@@ -84,12 +90,7 @@ def test_vectors_are_written_without_a_dictionary(tmp_path):
 
 
 def test_a_part_written_before_the_file_columns_gets_them_when_rewritten(tmp_path):
-  options = PipelineOptions(['--direct_running_mode', 'in_memory'])
-  with beam.Pipeline(options=options) as pipeline:
-    _ = (pipeline
-         | beam.Create([_embedding(n) for n in range(300)])
-         | WriteEmbeddings(str(tmp_path), 'm', DIM))
-  path, = outputs.matching_paths(outputs.embeddings_glob(str(tmp_path), 'm'))
+  path = _write_one_part(tmp_path)
   written = pq.read_table(path)
   pq.write_table(written.drop_columns(['file_size', 'file_modified']), path)  # as before
 
