@@ -280,6 +280,12 @@ def make_index_only_config(args):
   Raises UsageError."""
   if args.input:
     raise UsageError('--index_only rebuilds the indexes of --output; it takes no --input')
+  output_dir_flags = [flag for flag, given in (('--resume', args.resume),
+                                               ('--resume_checksum', args.resume_checksum),
+                                               ('--overwrite', args.overwrite)) if given]
+  if output_dir_flags:
+    raise UsageError('--index_only rebuilds the indexes of the finished run in --output, '
+                     'changing nothing else; it takes no %s' % output_dir_flags[0])
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
   _check_output_name(out_dir)

@@ -183,7 +183,9 @@ def test_bad_index_type_stops_before_work(one_photo, test_models):
 @pytest.mark.parametrize('flags,message', [
     (['--index_memory_budget', 'lots'], "not a size: 'lots'"),
     (['--index_memory_budget', '1MB'], 'must be at least 64MB'),
-    ([], 'holds no finished run')])
+    ([], 'holds no finished run'),
+    (['--resume'], 'changing nothing else; it takes no --resume'),
+    (['--overwrite'], 'it takes no --overwrite')])
 def test_index_only_mistakes(one_photo, capsys, flags, message):
   status, lines = run_in_process(['--output', str(one_photo / 'nothing'), '--index_only']
                                  + flags, capsys)
