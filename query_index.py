@@ -11,7 +11,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 
 from schemas import outputs
-from schemas.records import utf8_text
+from schemas.records import terminal_text, utf8_text
 from transforms.decode import decode_image, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
@@ -249,10 +249,10 @@ def find_duplicates(run_dir, model_name=None, threshold=DEFAULT_THRESHOLD, k=10,
 def format_table(results):
   lines = []
   for result in results:
-    lines.append('query: %s' % result['query'])
+    lines.append('query: %s' % terminal_text(result['query']))
     lines.append('  rank   score  key')
     for n in result['neighbors']:
-      lines.append('  %4d  %6.4f  %s' % (n['rank'], n['score'], n['key']))
+      lines.append('  %4d  %6.4f  %s' % (n['rank'], n['score'], terminal_text(n['key'])))
   return '\n'.join(lines)
 
 
@@ -261,7 +261,7 @@ def format_duplicates_table(groups):
   for number, group in enumerate(groups, 1):
     lines.append('group %d: %d images, closest pair %.4f' % (
         number, len(group['images']), group['max_score']))
-    lines.extend('  %s' % image['key'] for image in group['images'])
+    lines.extend('  %s' % terminal_text(image['key']) for image in group['images'])
   return '\n'.join(lines) if lines else 'no near-duplicates'
 
 

@@ -3,6 +3,7 @@
 from pipeline.progress import format_duration
 from pipeline.resume import CHANGED, MOVED, REMOVED, RESUMED
 from schemas import outputs
+from schemas.records import terminal_text
 
 ALL_MODELS = 'all models'
 
@@ -52,7 +53,7 @@ def _repeated_key_lines(manifest):
           'image, or queries by key and --resume cannot tell them apart; WebDataset '
           'shards that reuse sample keys belong in folders of their own' % (
               model['name'], format(index['repeated_key_rows'], ','),
-              ', '.join(index['repeated_key_examples'])))
+              terminal_text(', '.join(index['repeated_key_examples']))))
   return lines
 
 
@@ -81,7 +82,8 @@ def format_summary(manifest, out_dir, with_report=True):
       example = entry['examples'][0] if entry['examples'] else {}
       reason_rows.append([format(entry['count'], ','), failure_reason_text(entry),
                           entry['model'] or ALL_MODELS,
-                          '%s: %s' % (example.get('key', ''), example.get('message', ''))])
+                          terminal_text('%s: %s' % (example.get('key', ''),
+                                                    example.get('message', '')))])
     lines.extend('  ' + line for line in _table(
         ['count', 'reason', 'model', 'first example'], reason_rows, (0,)))
   else:

@@ -1,6 +1,7 @@
 """Typed records that flow between the pipeline's stages."""
 
 import hashlib
+import re
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -55,6 +56,16 @@ def utf8_text(text):
       return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
     except UnicodeEncodeError:  # a surrogate that stands for no byte
       return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+_CONTROL_CHARACTERS = re.compile('[\x00-\x1f\x7f-\x9f]')
+
+
+def terminal_text(text):
+  """Text for one line of a terminal: control characters that a file name may hold (a
+  newline, the escape that starts a terminal's commands) written as \\n, \\x1b."""
+  return _CONTROL_CHARACTERS.sub(
+      lambda match: match.group().encode('unicode_escape').decode('ascii'), text)
 
 
 def as_utf8(record):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import query_index
 from pipeline import progress, summary
 from pipeline.graph import JobConfig
 from schemas.records import FailureRecord
@@ -138,6 +139,28 @@ def test_summary_shows_the_manifest_figures():
   assert 'outputs in /out:' in text and 'report.html' in text
   assert 'report.html' not in summary.format_summary(manifest, '/out', with_report=False)
   assert 'resumed' not in text
+
+
+def test_keys_print_on_one_line_and_never_command_the_terminal():
+  # A file name may hold a newline or the escape that starts a terminal's commands.
+  hostile = 'a\nb\x1b[2J.jpg'
+  manifest = {
+      'counts': {'read': 1, 'models': {'v1': {'embedded': 0, 'failed': 1}}},
+      'failures_by_reason': [{'stage': 'decode', 'error': 'ImageDecodeError', 'model': None,
+                              'count': 1, 'examples': [{'key': hostile, 'uri': 'u',
+                                                        'message': 'truncated'}]}],
+      'models': [{'name': 'v1', 'index': {'repeated_key_rows': 1,
+                                          'repeated_key_examples': [hostile]}}]}
+  lines = summary.format_summary(manifest, '/out').splitlines()
+  assert '      1  decode ImageDecodeError  all models  a\\nb\\x1b[2J.jpg: truncated' in lines
+  assert any(line.startswith('  warning: v1: 1 rows repeat the key of another '
+                             '(a\\nb\\x1b[2J.jpg)') for line in lines)
+  table = query_index.format_table([{'query': hostile, 'neighbors': [
+      {'rank': 1, 'score': 1.0, 'key': hostile}]}])
+  assert table.splitlines() == ['query: a\\nb\\x1b[2J.jpg', '  rank   score  key',
+                                '     1  1.0000  a\\nb\\x1b[2J.jpg']
+  assert query_index.format_duplicates_table([{'images': [{'key': hostile}], 'max_score': 1.0}]
+                                             ).splitlines()[1] == '  a\\nb\\x1b[2J.jpg'
 
 
 def test_summary_of_a_resumed_run_says_what_became_of_the_earlier_rows():
