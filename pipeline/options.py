@@ -16,6 +16,7 @@ from pipeline.resume import (OutputDirError, check_every_model_resumed, check_no
 from pipeline.runners import (RunnerUsageError, check_cloud_storage_locations, with_dry_run,
                               with_local_defaults, with_project_shipped)
 from schemas import outputs
+from schemas.records import utf8_text
 from transforms.decode import MAX_IMAGE_PIXELS
 from transforms.embed import DEFAULT_BATCH_SIZE
 from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
@@ -204,7 +205,20 @@ def check_beam_args(beam_args, our_parser):
       raise UsageError('--runner %s: %s' % (known.runner, e)) from e
 
 
+def _check_utf8_name(flag, path):
+  """Refuses a path whose name is not UTF-8 (bytes of a Latin-1 name): Beam's coders take
+  text as UTF-8 and would fail while building the job. Files below a folder given (and
+  their names) may be anything."""
+  if utf8_text(path) != path:
+    raise UsageError(
+        '%s %s: a name that is not UTF-8 cannot be handed to Beam, whose coders take UTF-8 '
+        'text; rename it to UTF-8 (convmv does that)%s'
+        % (flag, utf8_text(path), ', or give a folder above it (names below it may be '
+           'anything)' if flag == '--input' else ''))
+
+
 def _check_output_name(out_dir):
+  _check_utf8_name('--output', out_dir)
   refusal = outputs.glob_characters_refusal(out_dir)
   if refusal:
     raise UsageError('--output ' + refusal)
@@ -356,6 +370,8 @@ def make_config(args, probe_in_subprocess=False):
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
   check_output(out_dir)
+  for given in args.input:
+    _check_utf8_name('--input', normalize_pattern(given))
   try:
     patterns = [folder_as_pattern(normalize_pattern(p)) for p in args.input]
     matched = _check_patterns(args.input, patterns, out_dir)

@@ -1,11 +1,14 @@
 """Command-line mistakes stop run_pipeline.py before any work, with one line and status 2."""
 
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from conftest import PROJECT
+from schemas.records import utf8_text
 
 
 def run_cli(*argv, cwd=PROJECT):
@@ -106,6 +109,20 @@ def test_bad_flag_values_stop_with_one_line(one_photo, capsys, flags, expected):
   assert len(lines) == 1 and lines[0].startswith('run_pipeline.py: error: '), lines
   assert expected in lines[0]
   assert not out.exists()
+
+
+@pytest.mark.parametrize('flag', ['--input', '--output'])
+def test_a_folder_named_in_latin1_is_one_line(one_photo, capsys, flag):
+  latin1 = one_photo / os.fsdecode(b'caf\xe9')
+  latin1.mkdir()
+  shutil.copy(one_photo / 'a.jpg', latin1 / 'a.jpg')
+  args = {'--input': str(one_photo / '*.jpg'), '--output': str(one_photo / 'out')}
+  args[flag] = str(latin1 if flag == '--input' else latin1 / 'out')
+  status, lines = run_in_process([item for pair in args.items() for item in pair], capsys)
+  assert status == 2 and len(lines) == 1, lines
+  assert lines[0].startswith('run_pipeline.py: error: %s %s: a name that is not UTF-8 '
+                             'cannot be handed to Beam' % (flag, utf8_text(args[flag])))
+  assert not (latin1 / 'out').exists() and not (one_photo / 'out').exists()
 
 
 def test_unquoted_glob_expanded_by_the_shell(one_photo, capsys):
