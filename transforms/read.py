@@ -437,11 +437,16 @@ def read_tfrecord_shard(path, root):
                                        '%s#%d' % (path, index), STAGE_READ, e)
 
 
+def _sample_key_and_uri(shard_path, folder_key, key):
+  """A WebDataset sample's record key (its own key below its shard's folder, folder_key:
+  see read_webdataset_shard) and uri (the shard's path, '#', its own key)."""
+  return folder_key + key, '%s#%s' % (shard_path, key)
+
+
 def _webdataset_sample(shard_path, folder_key, key, members):
   """Members of one WebDataset sample ({extension: bytes}) -> ImageRecord or FailureRecord,
   keyed by its shard's folder (folder_key, see read_webdataset_shard) and its own key."""
-  uri = '%s#%s' % (shard_path, key)
-  key = folder_key + key
+  key, uri = _sample_key_and_uri(shard_path, folder_key, key)
   image_ext = next((e for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
   if image_ext is not None and isinstance(members[image_ext], tarfile.TarInfo):
     link = members[image_ext]
@@ -481,7 +486,7 @@ def _sample_or_failure(shard_path, folder_key, key, members):
   try:
     return _webdataset_sample(shard_path, folder_key, key, members)
   except Exception as e:  # pylint: disable=broad-except
-    return FailureRecord.from_exception(folder_key + key, '%s#%s' % (shard_path, key),
+    return FailureRecord.from_exception(*_sample_key_and_uri(shard_path, folder_key, key),
                                         STAGE_READ, e)
 
 
@@ -535,7 +540,7 @@ def read_webdataset_shard(path, root):
       failed_key = relative_key(path, root) + '#shard'
       failed_uri = '%s#%s' % (path, failed_key)
     else:
-      failed_key, failed_uri = folder_key + key, '%s#%s' % (path, key)
+      failed_key, failed_uri = _sample_key_and_uri(path, folder_key, key)
     yield FailureRecord.from_exception(failed_key, failed_uri, STAGE_READ, e)
     return
   if key is not None:
