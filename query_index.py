@@ -15,8 +15,8 @@ from schemas.records import terminal_text, utf8_text
 from transforms.decode import decode_image, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
-from transforms.models import (ModelSpec, ModelUnavailableError, load_embedder, model_response,
-                               same_response)
+from transforms.models import (ModelSpec, ModelUnavailableError, finite_rows, load_embedder,
+                               model_response, same_response)
 from transforms.read import (folder_as_pattern, match_pattern, normalize_pattern, quote_glob,
                              relative_key)
 from views import html, query_page
@@ -134,7 +134,7 @@ def embed_query_images(paths, spec, max_pixels, run_dir):
   vectors = np.concatenate([
       embedder(np.stack([pixels_of(path) for path in paths[start:start + QUERY_BATCH_IMAGES]]))
       for start in range(0, len(paths), QUERY_BATCH_IMAGES)])
-  for path, finite in zip(paths, np.isfinite(vectors).all(axis=1)):
+  for path, finite in zip(paths, finite_rows(vectors)):
     if not finite:  # as the run makes such an image a failure: nothing to compare
       raise QueryError('cannot use query image %s: the model gave non-finite values (NaN '
                        'or infinity) for it' % utf8_text(path))

@@ -10,7 +10,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from schemas.records import FAILURES_TAG, STAGE_EMBED, DecodedImage, Embedding, FailureRecord
 from transforms.failures import route_failures
-from transforms.models import ModelSpec, import_tensorflow, load_embedder
+from transforms.models import ModelSpec, finite_rows, import_tensorflow, load_embedder
 
 # Small batches keep a MobileNet's activations in cache: on a 2-core machine, one
 # single-threaded worker per core runs all three seed models fastest at 8 (v2_130_224
@@ -77,7 +77,7 @@ def embed_batch(images, embedder, model_name):
   """
   size = tuple(embedder.input_size)
   vectors = embedder(np.stack([image.pixels[size] for image in images]))
-  finite = np.isfinite(vectors).all(axis=1)
+  finite = finite_rows(vectors)
   return [Embedding(image=image._replace(pixels=None), model=model_name, vector=vector)
           if ok else FailureRecord(
               key=image.key, uri=image.uri, stage=STAGE_EMBED, error=NON_FINITE_ERROR,

@@ -453,6 +453,13 @@ def model_response(embedder):
   return len(vector), tuple(float(value) for value in vector[:RESPONSE_VALUES])
 
 
+def finite_rows(vectors):
+  """Per row of a model's (n, dim) output, whether every value is finite: a vector with
+  NaN or infinity has no direction to compare, so the job makes its image a failure and
+  a query refuses it."""
+  return np.isfinite(vectors).all(axis=1)
+
+
 def same_response(response, other):
   """Whether two responses come from the same model: equal up to the float differences
   of another CPU or library version, not of other weights."""
