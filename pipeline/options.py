@@ -370,10 +370,11 @@ def make_config(args, probe_in_subprocess=False):
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
   check_output(out_dir)
-  for given in args.input:
-    _check_utf8_name('--input', normalize_pattern(given))
+  inputs = [normalize_pattern(given) for given in args.input]
+  for path in inputs:
+    _check_utf8_name('--input', path)
   try:
-    patterns = [folder_as_pattern(normalize_pattern(p)) for p in args.input]
+    patterns = [folder_as_pattern(path) for path in inputs]
     matched = _check_patterns(args.input, patterns, out_dir)
   except UsageError:
     raise
