@@ -1,8 +1,6 @@
 """End-to-end runs over TFRecord and WebDataset shards: keys, labels, metadata, failures."""
 
-import io
 import json
-import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +8,7 @@ import pytest
 import imagegen
 import run_pipeline
 from conftest import IN_PROCESS
-from test_read import example, write_tfrecord
+from test_read import example, write_tar, write_tfrecord
 
 
 @pytest.fixture(scope='module')
@@ -19,14 +17,11 @@ def shards(tmp_path_factory):
   write_tfrecord(root / 'train-00000.tfrecord',
                  [example(imagegen.encode(imagegen.photo(i)), 'img%d.jpg' % i, i % 2)
                   for i in range(4)] + [example(b'not an image', 'bad.jpg', 1)])
-  with tarfile.open(root / '00000.tar', 'w') as tar:
-    for i in range(3):
+  write_tar(root / '00000.tar', [
+      ('%09d.%s' % (i, extension), data) for i in range(3)
       for extension, data in (('jpg', imagegen.encode(imagegen.photo(10 + i))),
                               ('json', json.dumps({'url': 'http://x/%d' % i}).encode()),
-                              ('txt', b'caption %d' % i), ('cls', b'%d' % (i % 2))):
-        info = tarfile.TarInfo('%09d.%s' % (i, extension))
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+                              ('txt', b'caption %d' % i), ('cls', b'%d' % (i % 2)))])
   return root
 
 
@@ -56,12 +51,8 @@ def test_tfrecord_and_webdataset_in_one_run(tmp_path, shards, test_models):
 def _img2dataset_shard(path, seed, samples=2):
   """A tar as img2dataset writes one: samples numbered from 000000000."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tarfile.open(path, 'w') as tar:
-    for i in range(samples):
-      data = imagegen.encode(imagegen.photo(seed + i))
-      info = tarfile.TarInfo('%09d.jpg' % i)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
+  write_tar(path, [('%09d.jpg' % i, imagegen.encode(imagegen.photo(seed + i)))
+                   for i in range(samples)])
 
 
 def test_two_img2dataset_folders_keep_their_samples_apart(tmp_path, test_models, capsys):
