@@ -16,7 +16,7 @@ import imagegen
 import query_index
 import run_pipeline
 from conftest import IN_PROCESS
-from test_read import example, write_tfrecord
+from test_read import example, write_tar, write_tfrecord
 
 EMBEDDED = 'embedded'
 MODELS = ('v1', 'v3')
@@ -112,12 +112,8 @@ def _plant_shards(shards):
   marker = imagegen.encode(_photo(21))
   data[data.find(marker) + 100] ^= 0xFF  # record 1's payload no longer matches its CRC
   (shards / 's.tfrecord').write_bytes(bytes(data))
-  with tarfile.open(shards / 'w.tar', 'w') as tar:
-    for i in range(3):
-      encoded = imagegen.encode(_photo(30 + i))
-      info = tarfile.TarInfo('%09d.jpg' % i)
-      info.size = len(encoded)
-      tar.addfile(info, io.BytesIO(encoded))
+  write_tar(shards / 'w.tar', [('%09d.jpg' % i, imagegen.encode(_photo(30 + i)))
+                               for i in range(3)])
   with tarfile.open(shards / 'w.tar') as tar:
     cut = tar.getmember('000000002.jpg').offset_data + 100  # inside sample 2's image
   (shards / 'w.tar').write_bytes((shards / 'w.tar').read_bytes()[:cut])
@@ -262,11 +258,9 @@ def test_file_names_that_are_not_utf8_are_embedded_and_found_again(tmp_path, tes
   files = {latin1: 1, 'new\nline.jpg': 2, 'plain.jpg': 3}
   for name, seed in files.items():
     (folder / name).write_bytes(imagegen.encode(_photo(seed)))
-  with tarfile.open(folder / 'w.tar', 'w') as tar:  # a member name written the same way
-    encoded = imagegen.encode(_photo(4))
-    info = tarfile.TarInfo(os.fsdecode(b'd\xfcsseldorf.jpg'))
-    info.size = len(encoded)
-    tar.addfile(info, io.BytesIO(encoded))
+  encoded = imagegen.encode(_photo(4))
+  # A member name written the same way.
+  write_tar(folder / 'w.tar', [(os.fsdecode(b'd\xfcsseldorf.jpg'), encoded)])
   out = tmp_path / 'out'
   args = ['--input', str(folder), '--output', str(out), '--model', 'v3=' + test_models['v3_tf2'],
           '--no_report', *IN_PROCESS]

@@ -1,12 +1,10 @@
 """Hostile inputs: keys, WebDataset member names and TFRecord filenames that look like paths
 are data only; nothing is written outside the output; nothing from the inputs runs."""
 
-import io
 import json
 import os
 import pathlib
 import re
-import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +13,7 @@ import imagegen
 import query_index
 import run_pipeline
 from conftest import IN_PROCESS, PROJECT
-from test_read import example, write_tfrecord
+from test_read import example, write_tar, write_tfrecord
 from views import html
 
 HOSTILE_MEMBERS = ['../../escape_tar.jpg', '/tmp/absolute_escape_%d.jpg' % os.getpid(),
@@ -32,13 +30,10 @@ def hostile_run(tmp_path_factory, test_models):
   base = tmp_path_factory.mktemp('hostile')
   inputs = base / 'deep' / 'inputs'
   inputs.mkdir(parents=True)
-  with tarfile.open(inputs / '00000.tar', 'w') as tar:
-    for n, name in enumerate(HOSTILE_MEMBERS):
-      for member, data in ((name, imagegen.encode(imagegen.photo(40 + n, 64, 48))),
-                           (name[:-len('jpg')] + 'json', b'{"url": "../../x"}')):
-        info = tarfile.TarInfo(member)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+  write_tar(inputs / '00000.tar', [
+      member for n, name in enumerate(HOSTILE_MEMBERS)
+      for member in ((name, imagegen.encode(imagegen.photo(40 + n, 64, 48))),
+                     (name[:-len('jpg')] + 'json', b'{"url": "../../x"}'))])
   write_tfrecord(inputs / 'train.tfrecord',
                  [example(imagegen.encode(imagegen.photo(50 + n, 64, 48)), name)
                   for n, name in enumerate(HOSTILE_FILENAMES)])
