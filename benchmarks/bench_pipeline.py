@@ -7,10 +7,12 @@ images/s, the loop bound (the same per-core processes decoding the images with t
 pipeline's decode before each model call: no Beam, reading or writing), run_pipeline.py
 end to end with its default local settings, and the tf.data baseline. End-to-end rates
 exclude start-up: each job runs over the image set and over the set repeated four
-times, and the rate is the extra images over the extra time. Prints a table and JSON.
+times, and the rate is the extra images over the extra time. With --scaling it also
+judges whether the time per image stays flat as the run grows. Prints a table and JSON.
 
   python benchmarks/bench_pipeline.py                 # caltech101-25 (or generated photos)
   python benchmarks/bench_pipeline.py --large         # generated 3000x2000 JPEGs
+  python benchmarks/bench_pipeline.py --scaling_copies 1 4 16   # flatness on larger sets
 """
 
 import argparse
@@ -213,16 +215,16 @@ def decode_rate(files, size):
 
 
 def marginal_rates(make_command, patterns, count, workdir, repeats):
-  """Images/s excluding start-up, from runs over the set repeated 1, 2 and 4 times
-  ({copies: pattern}; 2 only when given): the extra images over the extra time, 1x -> 4x
-  (the headline figure: 3N images of work against one start-up's noise), and, with 2x,
-  1x -> 2x and 2x -> 4x (time per image flat when those two agree). Medians over
-  `repeats`, and 'best_1x_to_4x' from the fastest run of each size: one slow 1x run
-  (the tf.data baseline sometimes runs at half speed) inflates its repeat's rate.
-  Also the peak memory of the largest size, in one more run (not timed: polling the
-  memory of six processes took 17% of a core, 8% of this machine), and the same marginal
-  figures in CPU milliseconds per image (every process of the job, summed), which vary
-  far less than wall time on a shared machine (about 1% against 5-10%)."""
+  """Images/s excluding start-up, from runs over the set repeated 1, 4 and any other
+  number of times ({copies: pattern}): the extra images over the extra time, 1x -> 4x
+  (the headline figure: 3N images of work against one start-up's noise), and between
+  every two consecutive sizes given ('1x_to_2x', '2x_to_4x', '4x_to_16x': time per image
+  flat when these agree). Medians over `repeats`, and 'best_1x_to_4x' from the fastest
+  run of each size: one slow 1x run (the tf.data baseline sometimes runs at half speed)
+  inflates its repeat's rate. Also the peak memory at 4x, in one more run (not timed:
+  polling the memory of six processes took 17% of a core, 8% of this machine), and the
+  same marginal figures in CPU milliseconds per image (every process of the job, summed),
+  which vary far less than wall time on a shared machine (about 1% against 5-10%)."""
   seconds = {copies: [] for copies in patterns}
   cpu_seconds = {copies: [] for copies in patterns}
   workdir = tempfile.mkdtemp(dir=workdir)
@@ -232,9 +234,8 @@ def marginal_rates(make_command, patterns, count, workdir, repeats):
           workdir, 'x%d-%d' % (copies, repeat))))
       seconds[copies].append(elapsed)
       cpu_seconds[copies].append(cpu)
-  largest = max(patterns)
-  _, peak, _ = timed(make_command(patterns[largest], os.path.join(
-      workdir, 'x%d-memory' % largest)), measure_memory=True)
+  _, peak, _ = timed(make_command(patterns[4], os.path.join(workdir, 'x4-memory')),
+                     measure_memory=True)
 
   def extra_rate(low, high, t_low, t_high):
     return (high - low) * count / max(t_high - t_low, 1e-6)
@@ -250,10 +251,38 @@ def marginal_rates(make_command, patterns, count, workdir, repeats):
   rates = {'1x_to_4x': rate(1, 4),
            'best_1x_to_4x': extra_rate(1, 4, min(seconds[1]), min(seconds[4]))}
   cpu_ms = {'1x_to_4x': cpu_ms_per_image(1, 4)}
-  if 2 in seconds:
-    rates.update({'1x_to_2x': rate(1, 2), '2x_to_4x': rate(2, 4)})
-    cpu_ms.update({'1x_to_2x': cpu_ms_per_image(1, 2), '2x_to_4x': cpu_ms_per_image(2, 4)})
+  sizes = sorted(seconds)
+  for low, high in zip(sizes, sizes[1:]):
+    rates[step_name(low, high)] = rate(low, high)
+    cpu_ms[step_name(low, high)] = cpu_ms_per_image(low, high)
   return rates, peak, seconds, cpu_ms
+
+
+def step_name(low, high):
+  return '%dx_to_%dx' % (low, high)
+
+
+def flatness(rates, cpu_ms, copies):
+  """Time per image over the last step of `copies` (say 4x -> 16x) divided by the one
+  before (1x -> 4x), in wall time and in CPU time: 1.0 is flat, above it the job slows
+  down as the run grows."""
+  earlier, later = step_name(*copies[-3:-1]), step_name(*copies[-2:])
+  return {'steps': flatness_label(copies),
+          'wall': rates[earlier] / rates[later],
+          'cpu': cpu_ms[later] / cpu_ms[earlier]}
+
+
+def flatness_label(copies):
+  return '%s over %s' % (step_name(*copies[-2:]), step_name(*copies[-3:-1]))
+
+
+def scaling_copies(sizes):
+  """--scaling_copies: three or more sizes, from 1, with 4 among them (the headline)."""
+  copies = sorted(set(sizes))
+  if len(copies) < 3 or copies[0] != 1 or 4 not in copies:
+    raise argparse.ArgumentTypeError(
+        'needs three or more sizes starting at 1 and including 4, like 1 2 4 or 1 4 16')
+  return tuple(copies)
 
 
 def main():
@@ -273,10 +302,21 @@ def main():
   parser.add_argument('--skip_baseline', action='store_true')
   parser.add_argument('--scaling', action='store_true',
                       help='also run the pipeline over the set repeated twice and report '
-                           'whether the time per image stays flat from 2x to 4x')
+                           'whether the time per image stays flat from 2x to 4x '
+                           '(--scaling_copies 1 2 4)')
+  parser.add_argument('--scaling_copies', nargs='+', type=int, metavar='N',
+                      help='judge flatness on these sizes instead (implies --scaling): '
+                           'the time per image over the last step against the one '
+                           'before; 1 4 16 compares 4x -> 16x with 1x -> 4x, larger sets '
+                           'where start-up jitter weighs less')
   parser.add_argument('--json', help='also write the JSON figures to this file')
   parser.add_argument('--keep', action='store_true', help='keep the work folder')
   args = parser.parse_args()
+  try:
+    args.scaling_copies = (scaling_copies(args.scaling_copies) if args.scaling_copies
+                           else (1, 2, 4) if args.scaling else (1, 4))
+  except argparse.ArgumentTypeError as e:
+    parser.error('--scaling_copies %s' % e)
   workdir = tempfile.mkdtemp(prefix='bench_pipeline_')
   try:
     run(args, workdir)
@@ -289,7 +329,7 @@ def run(args, workdir):
 
   import model_factory  # pylint: disable=import-outside-toplevel
   files, dataset = dataset_files(args, workdir)
-  copies = (1, 2, 4) if args.scaling else (1, 4)
+  copies = args.scaling_copies
   patterns = {n: link_copies(files, os.path.join(workdir, 'x%d' % n), n) for n in copies}
   handles = model_factory.build_seed_models(os.path.join(workdir, 'models'))
   report = {'dataset': dataset, 'images': len(files), 'cores': os.cpu_count(),
@@ -321,10 +361,9 @@ def run(args, workdir):
                'pipeline_over_ceiling': pipeline / best,
                'pipeline_best_runs': rates['best_1x_to_4x'],
                'pipeline_cpu_ms_per_image': cpu_ms}
-    if args.scaling:
+    if len(copies) > 2:
       # Flat time per image: the job holds nothing per image that grows with the run.
-      figures['time_per_image_4x_over_2x'] = rates['1x_to_2x'] / rates['2x_to_4x']
-      figures['cpu_per_image_4x_over_2x'] = cpu_ms['2x_to_4x'] / cpu_ms['1x_to_2x']
+      figures['flatness'] = flatness(rates, cpu_ms, copies)
     if not args.skip_baseline:
       baseline_rates, baseline_peak, baseline_seconds, baseline_cpu_ms = marginal_rates(
           baseline_command, {1: patterns[1], 4: patterns[4]}, len(files), workdir,
@@ -344,8 +383,8 @@ def run(args, workdir):
         % (dataset, len(files), os.cpu_count()))
   print('%-28s %8s %8s %8s %9s %9s %9s %9s %9s %9s %9s %11s %9s %11s %9s' % (
       'model', 'ceiling', 'decode', 'loop', 'loop/ceil', 'pipeline', 'pipe/loop', 'baseline',
-      'pipe/ceil', 'pipe/base', 'p/b best', 'peak GB p/b', 'flat 4/2x', 'cpu ms p/b',
-      'cpu 4/2x'))
+      'pipe/ceil', 'pipe/base', 'p/b best', 'peak GB p/b', 'flat wall', 'cpu ms p/b',
+      'flat cpu'))
   for name, f in report['models'].items():
     print('%-28s %8.1f %8.1f %8.1f %9.2f %9.1f %9.2f %9s %9.2f %9s %9s %11s %9s %11s %9s' % (
         name, f['ceiling'], f['decode_only'], f['loop_bound'], f['loop_over_ceiling'],
@@ -355,12 +394,14 @@ def run(args, workdir):
         '%.2f' % f['pipeline_over_baseline_best_runs'] if 'baseline' in f else '-',
         '%.1f/%s' % (f['pipeline_peak_memory_gb'], '%.1f' % f['baseline_peak_memory_gb']
                      if 'baseline' in f else '-'),
-        '%.2f' % f['time_per_image_4x_over_2x'] if 'time_per_image_4x_over_2x' in f
-        else '-',
+        '%.2f' % f['flatness']['wall'] if 'flatness' in f else '-',
         '%.2f/%s' % (f['pipeline_cpu_ms_per_image']['1x_to_4x'],
                      '%.2f' % f['baseline_cpu_ms_per_image']['1x_to_4x']
                      if 'baseline' in f else '-'),
-        '%.2f' % f['cpu_per_image_4x_over_2x'] if 'cpu_per_image_4x_over_2x' in f else '-'))
+        '%.2f' % f['flatness']['cpu'] if 'flatness' in f else '-'))
+  if len(copies) > 2:
+    print('flat wall / flat cpu: time per image %s (1.0 is flat)'
+          % flatness_label(copies))
   print(json.dumps(report, indent=2))
   if args.json:
     with open(args.json, 'w') as f:
