@@ -84,8 +84,8 @@ def build_parser():
            % (', '.join(sorted(SEED_MODELS)), DEFAULT_MODEL))
   group.add_argument('--batch_size', type=whole_number(1, '--batch_size 32'),
                      default=DEFAULT_BATCH_SIZE, metavar='N',
-                     help='images per model call (default: %(default)s). '
-                          'Example: --batch_size 32')
+                     help='images per model call (default: %(default)s); a worker\'s '
+                          'memory grows with it. Example: --batch_size 32')
   group.add_argument('--intra_op_threads', type=whole_number(1, '--intra_op_threads 1'),
                      default=None, metavar='N',
                      help='TensorFlow/TFLite threads per worker process (default: for '

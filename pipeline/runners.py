@@ -305,7 +305,7 @@ def failed_message(error, out_dir, dataflow_job=None, rebuilding_indexes=False):
     status = str(error).rsplit(' ', 1)[-1] if isinstance(error, WorkerProcessDied) else None
     cause = ('a worker process ended unexpectedly%s (killed or crashed; a system short of '
              'memory kills its largest process: see "Memory per worker process" in the '
-             'README, fewer --direct_num_workers use less)'
+             'README; fewer --direct_num_workers or a smaller --batch_size use less)'
              % (' with exit status %s' % status if status else ''))
   if rebuilding_indexes:
     return 'the index rebuild failed: %s. Run it again once the cause is fixed' % cause

@@ -504,6 +504,8 @@ def test_a_worker_process_killed_at_start_ends_the_run_with_one_line(tmp_path, i
   last = [line for line in stderr.splitlines() if line.startswith('run_pipeline.py:')][-1]
   assert last.startswith('run_pipeline.py: the run failed: a worker process ended '
                          'unexpectedly with exit status 137 (killed or crashed;'), last
+  # What to change when the cause was memory: the batch's activations grow with its size.
+  assert 'fewer --direct_num_workers or a smaller --batch_size use less' in last, last
   assert last.endswith('%s holds an unfinished run: once the cause is fixed, run the same '
                        'command with --resume (without --overwrite) to finish it' % out)
   assert not runners.local_worker_pids(process.pid)
