@@ -262,18 +262,23 @@ def step_name(low, high):
   return '%dx_to_%dx' % (low, high)
 
 
+def flatness_steps(copies):
+  """The two steps flatness compares: the last of `copies` and the one before."""
+  return step_name(*copies[-2:]), step_name(*copies[-3:-1])
+
+
+def flatness_label(copies):
+  return '%s over %s' % flatness_steps(copies)
+
+
 def flatness(rates, cpu_ms, copies):
   """Time per image over the last step of `copies` (say 4x -> 16x) divided by the one
   before (1x -> 4x), in wall time and in CPU time: 1.0 is flat, above it the job slows
   down as the run grows."""
-  earlier, later = step_name(*copies[-3:-1]), step_name(*copies[-2:])
+  later, earlier = flatness_steps(copies)
   return {'steps': flatness_label(copies),
           'wall': rates[earlier] / rates[later],
           'cpu': cpu_ms[later] / cpu_ms[earlier]}
-
-
-def flatness_label(copies):
-  return '%s over %s' % (step_name(*copies[-2:]), step_name(*copies[-3:-1]))
 
 
 def scaling_copies(sizes):
