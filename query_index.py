@@ -10,6 +10,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # pylint: disable=wrong-import-position
 import numpy as np
 
+from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
 from schemas import outputs
 from schemas.records import terminal_text, utf8_text
 from transforms.decode import decode_image, max_pixels_of_run
@@ -286,6 +287,12 @@ def run_command(args):
   if args.duplicates and (args.image or args.key or args.images_from):
     raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
                      'or --images_from')
+  try:
+    check_cloud_storage_reachable(
+        [('--run', args.run)] + [('--image', path) for path in args.image]
+        + [('--images_from', path) for path in args.images_from])
+  except UnreachableError as e:
+    raise QueryError(str(e)) from e
   # Read once: one request on Cloud Storage, and one version of a run being replaced.
   manifest = load_manifest(args.run)
   model_name = choose_model(manifest, args.model)['name']

@@ -10,6 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from pipeline.graph import IndexOnlyConfig, JobConfig
 from pipeline.probe_cache import probe_models_remembered
+from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
 from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_model_specs
 from pipeline.resume import (OutputDirError, check_every_model_resumed, check_not_being_written,
                              check_output_dir, resume_state, resumed_keys_root)
@@ -303,6 +304,7 @@ def make_index_only_config(args):
   _check_memory_budget(args)
   out_dir = normalize_pattern(args.output)
   _check_output_name(out_dir)
+  _check_reachable([('--output', out_dir)])
   try:
     check_not_being_written(out_dir)
   except OutputDirError as e:
@@ -360,6 +362,24 @@ def _check_patterns(given, patterns, out_dir):
   return paths
 
 
+def _parsed_models(args):
+  """The --model flags as ModelSpecs, local handles made absolute (workers and the query
+  script run elsewhere)."""
+  try:
+    return [spec._replace(handle=normalize_pattern(spec.handle),
+                          freeze_weights=not args.no_freeze_weights)
+            for spec in parse_model_specs(args.model)]
+  except ModelSpecError as e:
+    raise UsageError(str(e)) from e
+
+
+def _check_reachable(flagged_paths):
+  try:
+    check_cloud_storage_reachable(flagged_paths)
+  except UnreachableError as e:
+    raise UsageError(str(e)) from e
+
+
 def make_config(args, probe_in_subprocess=False):
   """Parsed flags -> JobConfig; checks inputs and loads every model once, so that any
   mistake stops the job before work starts. Raises UsageError."""
@@ -373,6 +393,9 @@ def make_config(args, probe_in_subprocess=False):
   inputs = [normalize_pattern(given) for given in args.input]
   for path in inputs:
     _check_utf8_name('--input', path)
+  given = _parsed_models(args)
+  _check_reachable([('--input', path) for path in inputs] + [('--output', out_dir)]
+                   + [('--model', spec.handle) for spec in given])
   try:
     patterns = [folder_as_pattern(path) for path in inputs]
     matched = _check_patterns(args.input, patterns, out_dir)
@@ -385,10 +408,6 @@ def make_config(args, probe_in_subprocess=False):
   except OutputDirError as e:
     raise UsageError(str(e)) from e
   try:
-    # Local handles are made absolute: workers and the query script run elsewhere.
-    given = [spec._replace(handle=normalize_pattern(spec.handle),
-                           freeze_weights=not args.no_freeze_weights)
-             for spec in parse_model_specs(args.model)]
     if args.resume:
       check_every_model_resumed(out_dir, [spec.name for spec in given])
     specs = probe_models_remembered(given, probe_in_subprocess)
