@@ -1,4 +1,4 @@
-"""An unreachable Cloud Storage stops the job and the query script at once, with one line.
+"""An unreachable Cloud Storage stops the job, the query script and the report at once, in one line.
 
 Cloud Storage is a local endpoint here (STORAGE_EMULATOR_HOST, which the storage client
 itself honours): a closed port, or a real HTTP server on this machine."""
@@ -12,6 +12,7 @@ import pytest
 import query_index
 import run_pipeline
 from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
+from views import run_report
 
 PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy')
 
@@ -110,3 +111,11 @@ def test_a_host_this_machine_cannot_resolve_is_reached_through_the_proxy(http_se
   monkeypatch.setenv('HTTP_PROXY', 'http://127.0.0.1:%d' % http_server.server_port)
   check_cloud_storage_reachable([('--input', 'gs://bucket/a.jpg')])
   assert _AnswerEverything.seen == ['HEAD http://storage.invalid/ HTTP/1.1']
+
+
+def test_a_report_of_an_unreachable_run_is_one_line(closed_endpoint, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run_report.main(['--run', 'gs://bucket/out'])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert exit_info.value.code == 2
+  assert 'error: cannot reach Cloud Storage for --run gs://bucket/out' in lines[-1]

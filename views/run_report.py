@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
 from schemas import outputs
 from transforms.decode import max_pixels_of_run
 from transforms.index import embeddings_matrix, load_index, normalize, search
@@ -386,8 +387,9 @@ def main(argv=None):
                            'Example: --run out/')
   args = parser.parse_args(argv)
   try:
+    check_cloud_storage_reachable([('--run', args.run)])
     path = write_report(args.run)
-  except ReportError as e:
+  except (ReportError, UnreachableError) as e:
     parser.error(str(e))
   print(path)
   return path
