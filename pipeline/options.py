@@ -74,7 +74,7 @@ def build_parser():
       help='files (one image per file), tfrecord (tf.train.Example with image/encoded), '
            'webdataset (img2dataset tar shards), or auto by file extension '
            '(default: %(default)s). Example: --input_format webdataset')
-  group.add_argument('--output', required=True, metavar='DIR',
+  group.add_argument('--output', metavar='DIR',
                      help='output directory, local or gs:// (required, no default). '
                           'Example: --output out/')
   group.add_argument(
@@ -383,8 +383,6 @@ def _check_reachable(flagged_paths):
 def make_config(args, probe_in_subprocess=False):
   """Parsed flags -> JobConfig; checks inputs and loads every model once, so that any
   mistake stops the job before work starts. Raises UsageError."""
-  if not args.input:
-    raise UsageError('the following arguments are required: --input')
   if args.resume_checksum and not args.resume:
     raise UsageError('--resume_checksum applies to --resume only')
   _check_memory_budget(args)
@@ -437,6 +435,13 @@ def parse_command_line(argv):
   """argv -> (parsed flags of ours, Beam PipelineOptions of the rest)."""
   parser = build_parser()
   args, beam_args = parser.parse_known_args(argv)
+  missing = [flag for flag, given in (('--input', args.input or args.index_only),
+                                      ('--output', args.output)) if not given]
+  if missing:
+    # Both at once: a first run without flags should not learn them one at a time.
+    parser.error("the following arguments are required: %s (example: --input "
+                 "'photos/**/*.jpg' --output out/; --help lists every flag)"
+                 % ', '.join(missing))
   try:
     check_beam_args(beam_args, parser)
     check_cloud_storage_locations(beam_args)

@@ -29,6 +29,18 @@ def one_photo(tmp_path):
   return tmp_path
 
 
+@pytest.mark.parametrize('argv,missing', [((), '--input, --output'),
+                                           (('--input', 'photos/'), '--output'),
+                                           (('--output', 'out/'), '--input')])
+def test_every_missing_required_flag_is_named_at_once(tmp_path, argv, missing):
+  result = run_cli(*argv, cwd=tmp_path)
+  assert result.returncode == 2
+  assert error_line(result) == (
+      "run_pipeline.py: error: the following arguments are required: %s (example: "
+      "--input 'photos/**/*.jpg' --output out/; --help lists every flag)" % missing)
+  assert not (tmp_path / 'out').exists()
+
+
 def test_unknown_model_name(one_photo):
   result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
                    '--model', 'mobilenet_v9')
