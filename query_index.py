@@ -290,7 +290,7 @@ def run_command(args):
   try:
     check_cloud_storage_reachable(
         [('--run', args.run)] + [('--image', path) for path in args.image]
-        + [('--images_from', path) for path in args.images_from])
+        + [('--images_from', path) for path in args.images_from], 'query_index.py')
   except UnreachableError as e:
     raise QueryError(str(e)) from e
   # Read once: one request on Cloud Storage, and one version of a run being replaced.

@@ -375,7 +375,7 @@ def _parsed_models(args):
 
 def _check_reachable(flagged_paths):
   try:
-    check_cloud_storage_reachable(flagged_paths)
+    check_cloud_storage_reachable(flagged_paths, 'run_pipeline.py')
   except UnreachableError as e:
     raise UsageError(str(e)) from e
 

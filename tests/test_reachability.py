@@ -1,7 +1,10 @@
 """An unreachable Cloud Storage stops the job, the query script and the report at once, in one line.
 
 Cloud Storage is a local endpoint here (STORAGE_EMULATOR_HOST, which the storage client
-itself honours): a closed port, or a real HTTP server on this machine."""
+itself honours): a closed port, or a real HTTP server on this machine. The machine has
+no Google Cloud credentials unless a test gives it some."""
+
+import json
 
 import http.server
 import socket
@@ -22,6 +25,13 @@ def no_proxy_from_the_environment(monkeypatch):
   for name in PROXY_VARIABLES:
     monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_credentials(monkeypatch, tmp_path):
+  monkeypatch.delenv('GOOGLE_APPLICATION_CREDENTIALS', raising=False)
+  monkeypatch.setenv('CLOUDSDK_CONFIG', str(tmp_path / 'empty-gcloud-config'))
+  monkeypatch.setenv('NO_GCE_CHECK', 'True')  # not a Compute Engine VM: no metadata server
 
 
 @pytest.fixture
@@ -93,13 +103,30 @@ def test_a_query_of_an_unreachable_run_is_one_line(closed_endpoint, capsys):
 
 
 def test_local_paths_never_ask_the_network(closed_endpoint):
-  check_cloud_storage_reachable([('--input', '/photos/*.jpg'), ('--output', 'out/')])
+  check_cloud_storage_reachable([('--input', '/photos/*.jpg'), ('--output', 'out/')], 'prog')
 
 
-def test_any_answer_means_reachable(http_server, monkeypatch):
+def test_any_answer_means_reachable_and_missing_credentials_are_noted(http_server, monkeypatch,
+                                                                     capsys):
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://127.0.0.1:%d' % http_server.server_port)
-  check_cloud_storage_reachable([('--input', 'gs://bucket/photos/*.jpg')])
+  check_cloud_storage_reachable([('--input', 'gs://bucket/photos/*.jpg')], 'prog')
   assert _AnswerEverything.seen == ['HEAD / HTTP/1.1']
+  assert capsys.readouterr().err == (
+      'prog: note: no Google Cloud credentials found: Beam retries for them for about 20 s, '
+      'then reads Cloud Storage anonymously, which only public buckets allow; '
+      '`gcloud auth application-default login` sets them up\n')
+
+
+def test_a_machine_with_credentials_gets_no_note(http_server, monkeypatch, tmp_path, capsys):
+  # What `gcloud auth application-default login` writes; loading it needs no network.
+  credentials = tmp_path / 'application_default_credentials.json'
+  credentials.write_text(json.dumps({'type': 'authorized_user', 'client_id': 'id',
+                                     'client_secret': 'secret', 'refresh_token': 'token'}))
+  monkeypatch.setenv('GOOGLE_APPLICATION_CREDENTIALS', str(credentials))
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://127.0.0.1:%d' % http_server.server_port)
+  check_cloud_storage_reachable([('--input', 'gs://bucket/photos/*.jpg')], 'prog')
+  assert _AnswerEverything.seen == ['HEAD / HTTP/1.1']
+  assert capsys.readouterr().err == ''
 
 
 def test_a_host_this_machine_cannot_resolve_is_reached_through_the_proxy(http_server,
@@ -107,9 +134,9 @@ def test_a_host_this_machine_cannot_resolve_is_reached_through_the_proxy(http_se
   # '.invalid' never resolves (RFC 2606); the proxy does the resolving for the client.
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://storage.invalid')
   with pytest.raises(UnreachableError, match='storage.invalid'):
-    check_cloud_storage_reachable([('--input', 'gs://bucket/a.jpg')])
+    check_cloud_storage_reachable([('--input', 'gs://bucket/a.jpg')], 'prog')
   monkeypatch.setenv('HTTP_PROXY', 'http://127.0.0.1:%d' % http_server.server_port)
-  check_cloud_storage_reachable([('--input', 'gs://bucket/a.jpg')])
+  check_cloud_storage_reachable([('--input', 'gs://bucket/a.jpg')], 'prog')
   assert _AnswerEverything.seen == ['HEAD http://storage.invalid/ HTTP/1.1']
 
 

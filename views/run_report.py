@@ -387,7 +387,7 @@ def main(argv=None):
                            'Example: --run out/')
   args = parser.parse_args(argv)
   try:
-    check_cloud_storage_reachable([('--run', args.run)])
+    check_cloud_storage_reachable([('--run', args.run)], parser.prog)
     path = write_report(args.run)
   except (ReportError, UnreachableError) as e:
     parser.error(str(e))
