@@ -21,5 +21,5 @@ setuptools.setup(
     packages=['pipeline', 'transforms', 'schemas', 'views'],
     py_modules=['run_pipeline', 'query_index'],
     install_requires=versions['requirements'](),
-    extras_require={'test': ['pytest', 'hypothesis']},
+    extras_require={'test': ['pytest', 'pytest-xdist', 'hypothesis']},
 )

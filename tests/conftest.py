@@ -1,6 +1,7 @@
 """Shared fixtures: test models built once per session, generated photos, ../shared data."""
 
 import atexit
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -47,10 +48,14 @@ def test_models():
   source = pathlib.Path(model_factory.__file__).read_bytes()
   directory = PROJECT / '.cache' / 'test-models' / hashlib.sha256(source).hexdigest()[:16]
   done = directory / 'complete'
-  if not done.exists():
-    shutil.rmtree(directory, ignore_errors=True)
-    model_factory.build_all(str(directory))
-    done.write_text('ok')
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with open(str(directory) + '.lock', 'w') as lock:
+    # ./test.sh runs two pytest-xdist workers: one builds, the other waits and reuses.
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      model_factory.build_all(str(directory))
+      done.write_text('ok')
   return {'v3_tf2': str(directory / 'v3_tf2'), 'v1_tf1': str(directory / 'v1_tf1'),
           'v2_tflite': str(directory / 'v2.tflite')}
 
