@@ -11,10 +11,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.runners import process_stat_field
 from schemas import outputs
-from schemas.records import ImageRecord, content_sha256, utf8_text
+from schemas.records import content_sha256
 from transforms.metrics import INPUT_FILES_READ
 from transforms.models import import_tensorflow, same_response, scheme_of, tensorflow_reads
-from transforms.read import SourceMatcher, format_of, literal_folder, relative_key
+from transforms.read import SourceMatcher, format_of, literal_folder, unread_file_record
 
 
 class OutputDirError(ValueError):
@@ -346,12 +346,12 @@ def found_rows(key, done):
   return done[key]
 
 
-def unchanged_sha256(listed, model_names, rows):
-  """The stored digest of an input file (a transforms.read.InputFile) that every model
-  embedded from a file of this very path, size and modification time, or None. Such a
-  file is not read again: as rsync and make do, a resume trusts size and time (a file
-  rewritten at the same size with its old time put back goes unnoticed)."""
-  if listed.size is None or not listed.modified:
+def unchanged_sha256(unread, model_names, rows):
+  """The stored digest of an input file (its transforms.read.unread_file_record) that
+  every model embedded from a file of this very path, size and modification time, or
+  None. Such a file is not read again: as rsync and make do, a resume trusts size and
+  time (a file rewritten at the same size with its old time put back goes unnoticed)."""
+  if unread.file_size is None or not unread.file_modified:
     return None  # a filesystem that reports no time: read it
   by_model = {row.model: row for row in rows}
   if not set(model_names) <= set(by_model):
@@ -361,8 +361,8 @@ def unchanged_sha256(listed, model_names, rows):
   if len(same) != 1:
     return None
   sha256, uri, size, modified = same.pop()
-  return sha256 if (uri, size, modified) == (utf8_text(listed.path), listed.size,
-                                             listed.modified) else None
+  return sha256 if (uri, size, modified) == (unread.uri, unread.file_size,
+                                             unread.file_modified) else None
 
 
 class _SkipUnchangedDoFn(beam.DoFn):
@@ -378,13 +378,11 @@ class _SkipUnchangedDoFn(beam.DoFn):
 
   def process(self, listed, done):
     if format_of(listed.path, self._input_format) == 'files':  # a shard's rows: read it
-      key = utf8_text(relative_key(listed.path, self._root))  # as the reader keys it
-      sha256 = unchanged_sha256(listed, self._model_names, found_rows(key, done))
+      unread = unread_file_record(listed, self._root)
+      sha256 = unchanged_sha256(unread, self._model_names, found_rows(unread.key, done))
       if sha256:
         self._metrics.inc(INPUT_FILES_READ)  # as the reader counts every file it reads
-        yield beam.pvalue.TaggedOutput(KNOWN_TAG, ImageRecord(
-            key=key, uri=utf8_text(listed.path), data=None, sha256=sha256, file_size=listed.size,
-            file_modified=listed.modified))
+        yield beam.pvalue.TaggedOutput(KNOWN_TAG, unread._replace(sha256=sha256))
         return
     yield listed
 

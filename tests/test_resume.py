@@ -714,6 +714,8 @@ def test_resume_over_parts_without_file_times_reads_every_file_once(run_in_place
      ('/in/x.jpg', 0, 0.0), None),  # a filesystem that reports no time
 ])
 def test_unchanged_sha256(rows, listed, expected):
-  from transforms.read import InputFile  # pylint: disable=import-outside-toplevel
-  assert resume.unchanged_sha256(InputFile(*listed), MODELS,
+  from transforms.read import InputFile, unread_file_record  # pylint: disable=import-outside-toplevel
+  unread = unread_file_record(InputFile(*listed), '/in/')
+  assert unread.key == 'x.jpg'
+  assert resume.unchanged_sha256(unread, MODELS,
                                  [resume.EarlierRow(*row) for row in rows]) == expected

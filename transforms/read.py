@@ -354,6 +354,13 @@ def read_image_file(path, root, size=None, modified=None):
                      file_modified=modified)
 
 
+def unread_file_record(listed, root):
+  """The ImageRecord that reading this image file (an InputFile) would give, without its
+  bytes or digest: key, uri, size and time as read_path writes them."""
+  return as_utf8(ImageRecord(key=relative_key(listed.path, root), uri=listed.path, data=None,
+                             file_size=listed.size, file_modified=listed.modified))
+
+
 def _iter_tfrecord_payloads(handle):
   """Yields (payload or ValueError) per record; stops after a corrupt length field.
 
