@@ -409,7 +409,7 @@ def make_config(args, probe_in_subprocess=False):
     if args.resume:
       check_every_model_resumed(out_dir, [spec.name for spec in given])
     specs = probe_models_remembered(given, probe_in_subprocess)
-  except (ModelSpecError, ModelUnavailableError, OutputDirError) as e:
+  except (ModelUnavailableError, OutputDirError) as e:
     raise UsageError(str(e)) from e
   try:
     resume = resume_state(out_dir, specs) if args.resume else None

@@ -4,6 +4,8 @@ import sys
 
 import requests
 
+from transforms.models import scheme_of
+
 # Without it, Beam first retries for credentials (about 20 s, with a traceback per try),
 # then the storage client retries the first listing until its 120 s deadline.
 ANSWER_SECONDS = 10
@@ -47,7 +49,7 @@ def check_cloud_storage_reachable(flagged_paths, prog, timeout=ANSWER_SECONDS):
   permissions are the storage client's to judge (public buckets need none), but their
   absence is noted on stderr as `prog: note: ...`. The request goes as the client's
   would, through the proxy HTTPS_PROXY names if any."""
-  remote = [(flag, path) for flag, path in flagged_paths if path.startswith('gs://')]
+  remote = [(flag, path) for flag, path in flagged_paths if scheme_of(path) == 'gs']
   if not remote:
     return
   endpoint = cloud_storage_endpoint()

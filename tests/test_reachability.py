@@ -4,9 +4,8 @@ Cloud Storage is a local endpoint here (STORAGE_EMULATOR_HOST, which the storage
 itself honours): a closed port, or a real HTTP server on this machine. The machine has
 no Google Cloud credentials unless a test gives it some."""
 
-import json
-
 import http.server
+import json
 import socket
 import threading
 
