@@ -85,12 +85,14 @@ def run_job(argv, launch):
       options=dict(config.options, beam=runners.beam_options_record(pipeline_options)),
       intra_op_threads=(config.intra_op_threads or
                         runners.default_intra_op_threads(pipeline_options)))
-  if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
-    launch['out_dir'] = config.out_dir
-    prepare_output_dir(config.out_dir, config.resume, args.overwrite)
-    launch['output_prepared'] = True
   runner = pipeline_options.view_as(beam_options.StandardOptions).runner
+  # The running-file is written inside the try: a Ctrl-C that lands just after it is
+  # written still has it removed.
   try:
+    if not args.dry_run:  # a dry run changes nothing, not even with --overwrite
+      launch['out_dir'] = config.out_dir
+      prepare_output_dir(config.out_dir, config.resume, args.overwrite)
+      launch['output_prepared'] = True
     with live_progress(config, runner, args.progress_seconds) as metrics, \
         runners.stop_if_a_worker_dies(last_words(launch)):
       build_pipeline(pipeline, config, metrics)
@@ -141,8 +143,8 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   pipeline = beam.Pipeline(options=pipeline_options)
   build_index_only_pipeline(pipeline, config)
   launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
-  mark_being_written(config.out_dir)
   try:
+    mark_being_written(config.out_dir)  # inside the try, as run_job prepares its output
     with runners.stop_if_a_worker_dies(last_words(launch)):
       with runners.quiet_submission(runners.runner_name_of(pipeline_options)):
         result = pipeline.run()
