@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,10 +12,15 @@ import time
 START_TIMEOUT_S = 120
 
 
-def free_loopback_port():
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-    probe.bind(('127.0.0.1', 0))
-    return probe.getsockname()[1]
+# The worker pool logs the port it listens on only at INFO, below its default level, so
+# it is started with logging turned up: then it can bind port 0 and report the port the
+# system gave it. A port picked here beforehand could be taken by a parallel test run in
+# between, and gRPC binds with SO_REUSEPORT, so the two pools would share it silently.
+_WORKER_POOL_WITH_LOGGING = (
+    'import logging, sys; logging.basicConfig(level=logging.INFO); '
+    'from apache_beam.runners.worker import worker_pool_main; '
+    'worker_pool_main.main(sys.argv[1:])')
+_WORKER_POOL_PORT = re.compile(r'Listening for workers at localhost:(\d+)')
 
 
 def _wait_for(condition, process, what, log_path, timeout=START_TIMEOUT_S):
@@ -45,7 +51,7 @@ def _start(argv, log_path, work_dir):
   log = open(log_path, 'wb')  # pylint: disable=consider-using-with
   try:
     # A session of its own, so that stopping it also stops the workers it started.
-    return subprocess.Popen([sys.executable, '-m'] + argv, stdout=log,
+    return subprocess.Popen([sys.executable] + argv, stdout=log,
                             stderr=subprocess.STDOUT, cwd=str(work_dir), env=env,
                             start_new_session=True)
   finally:
@@ -75,25 +81,27 @@ def job_service_and_worker_pool(work_dir):
   """Yields (job endpoint, worker pool endpoint); stops both and their workers on exit."""
   work_dir.mkdir(parents=True, exist_ok=True)
   port_file = work_dir / 'job_service.port'
-  worker_port = free_loopback_port()
   processes = []
   try:
     job_service = _start(
-        ['apache_beam.runners.portability.local_job_service_main', '--port', '0',
+        ['-m', 'apache_beam.runners.portability.local_job_service_main', '--port', '0',
          '--port_file', str(port_file), '--staging_dir', str(work_dir / 'staging')],
         work_dir / 'job_service.log', work_dir)
     processes.append(job_service)
-    worker_pool = _start(
-        ['apache_beam.runners.worker.worker_pool_main', '--service_port', str(worker_port)],
-        work_dir / 'worker_pool.log', work_dir)
+    worker_pool_log = work_dir / 'worker_pool.log'
+    worker_pool = _start(['-c', _WORKER_POOL_WITH_LOGGING, '--service_port', '0'],
+                         worker_pool_log, work_dir)
     processes.append(worker_pool)
     _wait_for(lambda: port_file.exists() and port_file.read_text().strip(), job_service,
               'the job service', work_dir / 'job_service.log')
     job_port = int(port_file.read_text())
     _wait_for(lambda: _accepts_connections(job_port), job_service, 'the job service',
               work_dir / 'job_service.log')
+    _wait_for(lambda: _WORKER_POOL_PORT.search(worker_pool_log.read_text()), worker_pool,
+              'the worker pool', worker_pool_log)
+    worker_port = int(_WORKER_POOL_PORT.search(worker_pool_log.read_text()).group(1))
     _wait_for(lambda: _accepts_connections(worker_port), worker_pool, 'the worker pool',
-              work_dir / 'worker_pool.log')
+              worker_pool_log)
     yield 'localhost:%d' % job_port, 'localhost:%d' % worker_port
   finally:
     for process in reversed(processes):
