@@ -287,6 +287,10 @@ def run_command(args):
   if args.duplicates and (args.image or args.key or args.images_from):
     raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
                      'or --images_from')
+  if args.out and (args.out.endswith('/') or outputs.is_local_folder(args.out)):
+    raise QueryError('--out %s is a folder; give the name of a file to write, for example '
+                     '--out %s' % (args.out, outputs.output_path(args.out, 'results.' + (
+                         'txt' if args.format == 'table' else args.format))))
   try:
     check_cloud_storage_reachable(
         [('--run', args.run)] + [('--image', path) for path in args.image]

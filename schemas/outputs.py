@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -211,10 +212,17 @@ def move_into_place(source, path):
     # without its manifest if the process died then.
     FileSystems.rename([source], [path])
   except Exception:  # pylint: disable=broad-except
-    if not FileSystems.exists(path):
+    # Beam deletes a local folder with everything below it: only a file may be replaced.
+    if not FileSystems.exists(path) or is_local_folder(path):
       raise
     FileSystems.delete([path])  # a filesystem that refuses to rename onto a file
     FileSystems.rename([source], [path])
+
+
+def is_local_folder(path):
+  """Whether path names a folder on this machine (object stores have no folders to
+  name: a gs:// path is a file or nothing)."""
+  return '://' not in path and os.path.isdir(path)
 
 
 def write_json(path, value):

@@ -127,6 +127,33 @@ def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   assert 'cannot read --images_from' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('trailing_slash', ['', '/'])
+def test_out_naming_a_folder_is_refused_and_the_folder_kept(query_run, tmp_path, capsys,
+                                                           trailing_slash):
+  out, _, _ = query_run
+  folder = tmp_path / 'results'
+  (folder / 'sub').mkdir(parents=True)
+  (folder / 'keep.txt').write_text('mine')
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--key', 'dogs/001.jpg', '--format', 'json',
+                      '--out', str(folder) + trailing_slash])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'query_index.py: error: --out %s%s is a folder; give the name of a file to write, for '
+      'example --out %s/results.json' % (folder, trailing_slash, folder)]
+  assert sorted(path.name for path in folder.iterdir()) == ['keep.txt', 'sub']
+  assert (folder / 'keep.txt').read_text() == 'mine'
+
+
+def test_replacing_a_file_never_deletes_a_folder(tmp_path):
+  folder = tmp_path / 'target'
+  folder.mkdir()
+  (folder / 'keep.txt').write_text('mine')
+  with pytest.raises(Exception):
+    outputs.write_bytes_atomically(str(folder), b'results')
+  assert (folder / 'keep.txt').read_text() == 'mine'
+
+
 def test_a_run_folder_renamed_with_brackets_is_one_line(query_run, tmp_path, capsys):
   out, _, _ = query_run
   renamed = tmp_path / 'run [old]'
