@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
 from schemas import outputs
 from schemas.records import terminal_text, utf8_text
-from transforms.decode import decode_image, max_pixels_of_run
+from transforms.decode import decode_image, decode_sizes_of_run, max_pixels_of_run
 from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_batches,
                               load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import (ModelSpec, ModelUnavailableError, finite_rows, load_embedder,
@@ -115,20 +115,21 @@ def check_same_model(embedder, spec, run_dir):
         % (spec.name, spec.handle, run_dir))
 
 
-def embed_query_images(paths, spec, max_pixels, run_dir):
-  """Query images -> float32 vectors, decoded and embedded exactly as the run did
-  (max_pixels: the run's pixel limit), by the model that made the run."""
+def embed_query_images(paths, spec, manifest, run_dir):
+  """Query images -> float32 vectors, decoded and embedded exactly as the run did (to
+  every size it decoded to, within its pixel limit), by the model that made the run."""
   try:
     embedder = load_embedder(spec)
   except ModelUnavailableError as e:
     raise QueryError(str(e)) from e
   check_same_model(embedder, spec, run_dir)
   size = tuple(spec.input_size)
+  sizes, max_pixels = decode_sizes_of_run(manifest), max_pixels_of_run(manifest)
 
   def pixels_of(path):
     try:
       with outputs.FileSystems.open(path) as f:
-        return decode_image(f.read(), [size], max_pixels)[2][size]
+        return decode_image(f.read(), sizes, max_pixels)[2][size]
     except Exception as e:  # pylint: disable=broad-except
       raise QueryError('cannot use query image %s: %s' % (path, e)) from e
   paths = list(paths)
@@ -198,8 +199,7 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=Non
   entry = choose_model(manifest, model_name)
   vectors = []
   if images:
-    vectors.append(embed_query_images(images, spec_of(entry), max_pixels_of_run(manifest),
-                                      run_dir))
+    vectors.append(embed_query_images(images, spec_of(entry), manifest, run_dir))
   if keys:
     vectors.append(stored_vectors(run_dir, entry['name'], keys,
                                   manifest.get('input', {}).get('root')))

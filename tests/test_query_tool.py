@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -259,3 +260,30 @@ def test_a_replaced_model_is_not_used_for_queries(tmp_path, photo_tree, capsys):
   key = str(paths[1].relative_to(root))
   by_key = query_index.main(['--run', str(out), '--key', key, '--k', '1', '--format', 'json'])
   assert by_key[0]['neighbors'][0]['key'] == key
+
+
+def test_a_query_image_gets_the_pixels_the_run_embedded_beside_a_larger_model(
+    tmp_path, test_models):
+  """A 400x360 JPEG decodes at half size for a 160x160 model alone, but in full when a
+  224x224 model runs beside it: the query must decode as the run did."""
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for seed in range(3):
+    (photos / ('%d.jpg' % seed)).write_bytes(imagegen.encode(imagegen.photo(seed, 400, 360)))
+  out = tmp_path / 'out'
+  run_pipeline.main(['--input', str(photos), '--output', str(out), '--no_report',
+                     '--model', 'v1=' + test_models['v1_tf1'],
+                     '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS])
+  manifest = json.loads((out / 'manifest.json').read_text())
+  spec = query_index.spec_of(query_index.choose_model(manifest, 'v1'))
+  paths = [str(photos / ('%d.jpg' % seed)) for seed in range(3)]
+  stored = query_index.stored_vectors(str(out), 'v1', ['0.jpg', '1.jpg', '2.jpg'])
+  queried = query_index.embed_query_images(paths, spec, manifest, str(out))
+  np.testing.assert_allclose(queried, stored, rtol=1e-5, atol=1e-5 * np.abs(stored).max())
+  v1_alone = {'models': [model for model in manifest['models'] if model['name'] == 'v1']}
+  alone = query_index.embed_query_images(paths, spec, v1_alone, str(out))
+  assert not np.allclose(alone, stored, rtol=1e-3, atol=1e-3 * np.abs(stored).max())
+  results = query_index.main(['--run', str(out), '--model', 'v1', '--image', paths[1],
+                              '--k', '1', '--format', 'json'])
+  assert results[0]['neighbors'][0]['key'] == '1.jpg'
+  assert results[0]['neighbors'][0]['score'] > 0.99999

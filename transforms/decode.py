@@ -59,6 +59,13 @@ def max_pixels_of_run(manifest):
   return manifest.get('preprocessing', {}).get('max_image_pixels', MAX_IMAGE_PIXELS)
 
 
+def decode_sizes_of_run(manifest):
+  """The input sizes a finished run decoded every image to at once. A JPEG's reduced-size
+  decode follows the largest of them, so one model's pixels depend on the others': a
+  query must decode to all of them to get the pixels the run embedded."""
+  return sorted({tuple(model['input_size']) for model in manifest['models']})
+
+
 def may_be_decodable(prefix):
   """Whether a file beginning with these IDENTIFYING_BYTES may be an image of a format
   this stage decodes. When not, decoding the prefix alone fails exactly as decoding the
