@@ -72,6 +72,9 @@ def test_recall_at_k_counts_shared_neighbours():
   truth = np.array([[1, 2, 3], [4, 5, -1]])
   assert index_stage.recall_at_k(np.array([[3, 2, 1], [4, 5, 6]]), truth) == 1.0
   assert index_stage.recall_at_k(np.array([[1, 9, 9], [9, 9, 5]]), truth) == 2 / 5.0
+  # A search that comes back short pads with -1 as well: no neighbour, not a hit.
+  assert index_stage.recall_at_k(np.array([[1, 2, 3], [4, 5, -1]]), truth) == 1.0
+  assert index_stage.recall_at_k(np.array([[1, -1, -1], [-1, -1, -1]]), truth) == 1 / 5.0
 
 
 def test_recall_is_measured_not_assumed():
@@ -85,6 +88,33 @@ def test_recall_is_measured_not_assumed():
   coarse.train(vectors)
   coarse.add(vectors)
   assert index_stage.measure_recall(coarse, vectors[:100], truth) < 0.9
+
+
+@pytest.mark.parametrize('factory', ['IVF16,Flat', 'HNSW8', 'PCA16,HNSW8',
+                                     'IVF16_HNSW8,Flat'])
+def test_a_large_k_gets_k_neighbours_from_an_approximate_index(factory):
+  """The tuned setting (here the narrowest) runs out of candidates long before k = 150:
+  the search widens until every query has its k neighbours."""
+  rng = np.random.default_rng(3)
+  vectors = index_stage.normalize(clustered_vectors(rng, rng.normal(size=(16, 32)), 400))
+  index = faiss.index_factory(32, factory, faiss.METRIC_INNER_PRODUCT)
+  index.train(vectors)
+  index.add(vectors)
+  index_stage.apply_search_parameters(
+      index, index_stage.search_parameter_candidates(index)[0] if 'IVF' in factory
+      else {'efSearch': 16})
+  keys = ['%03d' % row for row in range(400)]
+  narrow = index.search(vectors[:20], 150)[1]
+  assert (narrow < 0).any()  # the test would prove nothing otherwise
+  results = index_stage.search(index, keys, keys, vectors[:20], 150)
+  truth = index_stage.exact_neighbors(vectors, vectors[:20], 150)
+  assert [len(neighbors) for neighbors in results] == [150] * 20
+  found = np.array([[int(n['key']) for n in neighbors] for neighbors in results])
+  assert (found == np.arange(20)[:, None]).any(axis=1).all()  # each query finds itself
+  assert index_stage.recall_at_k(found, truth) > index_stage.recall_at_k(narrow, truth)
+  exact_index = faiss.IndexFlatIP(32)
+  exact_index.add(vectors)
+  assert len(index_stage.search(exact_index, keys, keys, vectors[:3], 500)[0]) == 400
 
 
 def test_tuning_picks_the_cheapest_nprobe_reaching_the_target():

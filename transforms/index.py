@@ -197,7 +197,7 @@ def exact_neighbors(vectors, queries, k):
 
 def recall_at_k(found, truth):
   """Share of the true neighbours (rows of ids; -1 = none) that were found."""
-  hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
+  hits = sum(len((set(t) - {-1}) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
   return hits / float(max(1, int((truth >= 0).sum())))
 
 
@@ -760,13 +760,48 @@ def group_pairs(pairs):
                 key=lambda members: (-len(members), members[0]))
 
 
+def _graph_of(index):
+  """The HNSW graph of a graph index (under any pre-transform), or None."""
+  index = faiss.downcast_index(index)
+  while not hasattr(index, 'hnsw'):
+    if not isinstance(index, faiss.IndexPreTransform):
+      return None
+    index = faiss.downcast_index(index.index)
+  return index.hnsw
+
+
+def _widen_search(index, k):
+  """Widens the index's search about twice per step, up to all of the index; yields
+  after each step."""
+  ivf = faiss.try_extract_index_ivf(index)
+  graph = _graph_of(ivf.quantizer if ivf is not None else index)
+  while True:
+    if ivf is not None and ivf.nprobe < ivf.nlist:
+      ivf.nprobe = min(2 * ivf.nprobe, ivf.nlist)
+      if graph is not None:  # a graph as coarse quantizer must find that many lists
+        graph.efSearch = max(graph.efSearch, 2 * ivf.nprobe)
+    elif ivf is None and graph is not None and graph.efSearch < index.ntotal:
+      graph.efSearch = min(max(2 * graph.efSearch, k), index.ntotal)
+    else:
+      return
+    yield
+
+
 def search(index, keys, uris, query_vectors, k):
   """Normalized query vectors -> per query, a list of neighbour dicts (rank, key, uri,
   score = cosine similarity, higher is closer)."""
   k = min(k, index.ntotal)
   if k < 1:
     return [[] for _ in range(len(query_vectors))]
-  scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+  query_vectors = np.ascontiguousarray(query_vectors, dtype=np.float32)
+  scores, ids = index.search(query_vectors, k)
+  # The tuned setting reaches the top 10; a larger k can run out of candidates (the
+  # probed lists of an inverted file, a graph's search queue) and come back short.
+  for _ in _widen_search(index, k):
+    short = (ids < 0).any(axis=1)
+    if not short.any():
+      break
+    scores[short], ids[short] = index.search(query_vectors[short], k)
   return [[{'rank': rank + 1, 'key': keys[i], 'uri': uris[i], 'score': float(score)}
            for rank, (i, score) in enumerate(zip(row_ids, row_scores)) if i >= 0]
           for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
