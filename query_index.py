@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -11,6 +12,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 
 from pipeline.reachability import UnreachableError, check_cloud_storage_reachable
+from pipeline.resume import OutputDirError, check_not_being_written
 from schemas import outputs
 from schemas.records import terminal_text, utf8_text
 from transforms.decode import decode_image, decode_sizes_of_run, max_pixels_of_run
@@ -70,10 +72,31 @@ def load_manifest(run_dir):
   refusal = outputs.glob_characters_refusal(run_dir)
   if refusal:
     raise QueryError('--run ' + refusal)
+  try:
+    # An --index_only rebuild keeps the manifest while it replaces the index files.
+    check_not_being_written(run_dir, '--run')
+  except OutputDirError as e:
+    raise QueryError(str(e)) from e
   path = outputs.output_path(run_dir, outputs.MANIFEST_FILE)
   if not outputs.FileSystems.exists(path):
     raise QueryError('%s holds no finished run (no %s)' % (run_dir, outputs.MANIFEST_FILE))
   return outputs.read_json(path)
+
+
+def load_model_index(run_dir, model_name):
+  """load_index, with a file it cannot use (a rebuild killed halfway) told in one line."""
+  try:
+    return load_index(run_dir, model_name)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _FAISS_ERROR_PREFIX.sub('', str(e).strip().splitlines()[-1]) if str(e) else (
+        type(e).__name__)
+    raise QueryError('cannot read the index of model %s in %s (%s); rebuild it with '
+                     'run_pipeline.py --output %s --index_only --model %s' % (
+                         model_name, run_dir, reason, run_dir, model_name)) from e
+
+
+# FAISS prefixes its messages with the C++ function, file and line: not for a user.
+_FAISS_ERROR_PREFIX = re.compile(r'^Error in .* at \S+:\d+: ((\w+::)*\w+: *)?')
 
 
 def choose_model(manifest, name):
@@ -203,7 +226,7 @@ def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=Non
   if keys:
     vectors.append(stored_vectors(run_dir, entry['name'], keys,
                                   manifest.get('input', {}).get('root')))
-  index, index_keys, index_uris = load_index(run_dir, entry['name'])
+  index, index_keys, index_uris = load_model_index(run_dir, entry['name'])
   results = search(index, index_keys, index_uris, normalize(np.concatenate(vectors)), k)
   uri_of = dict(zip(index_keys, index_uris)) if keys else {}
   # Paths as the run stores its own (a name that is not UTF-8 could not be printed).
@@ -233,7 +256,7 @@ def find_duplicates(run_dir, model_name=None, threshold=DEFAULT_THRESHOLD, k=10,
   if k < 1:
     raise QueryError('--k must be at least 1')
   entry = choose_model(manifest or load_manifest(run_dir), model_name)
-  index, keys, uris = load_index(run_dir, entry['name'])
+  index, keys, uris = load_model_index(run_dir, entry['name'])
   pairs = near_duplicate_pairs(index, _indexed_batches(run_dir, entry['name'], keys),
                                threshold, k)
   groups = group_pairs(pairs)

@@ -152,9 +152,10 @@ def _writer_alive(writer):
   return _process_start(pid) == writer.get('process_start')
 
 
-def check_not_being_written(out_dir):
-  """Refuses (OutputDirError) an out_dir that another run or index rebuild is writing.
-  A running-file left by a run that was killed on this machine is ignored."""
+def check_not_being_written(out_dir, flag='--output'):
+  """Refuses (OutputDirError) an out_dir that another run or index rebuild is writing
+  (flag: the flag that named it). A running-file left by a run that was killed on this
+  machine is ignored."""
   path = outputs.output_path(out_dir, outputs.RUNNING_FILE)
   if not FileSystems.exists(path):
     return
@@ -165,12 +166,12 @@ def check_not_being_written(out_dir):
   if not _writer_alive(writer):
     return
   if writer.get('host') == socket.gethostname():
-    raise OutputDirError('--output %s is being written by another run (process %s, started '
+    raise OutputDirError('%s %s is being written by another run (process %s, started '
                          '%s); wait for it to end, or stop it' % (
-                             out_dir, writer.get('pid'), writer.get('started_at')))
-  raise OutputDirError('--output %s may be being written by a run on %s (process %s, '
+                             flag, out_dir, writer.get('pid'), writer.get('started_at')))
+  raise OutputDirError('%s %s may be being written by a run on %s (process %s, '
                        'started %s); if that run has stopped, delete %s and try again' % (
-                           out_dir, writer.get('host'), writer.get('pid'),
+                           flag, out_dir, writer.get('host'), writer.get('pid'),
                            writer.get('started_at'), path))
 
 

@@ -1,6 +1,7 @@
 """query_index.py over a real run: image lists, the HTML page in Chromium, near-duplicates."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -153,6 +154,47 @@ def test_replacing_a_file_never_deletes_a_folder(tmp_path):
   with pytest.raises(Exception):
     outputs.write_bytes_atomically(str(folder), b'results')
   assert (folder / 'keep.txt').read_text() == 'mine'
+
+
+def test_a_run_being_rebuilt_is_refused_until_it_ends(query_run, tmp_path, capsys):
+  """An --index_only rebuild keeps the manifest while it replaces the index files one by
+  one; a query meanwhile is refused, as a second run would be (here this test is the
+  live writer)."""
+  from pipeline import resume  # pylint: disable=import-outside-toplevel
+  out, _, _ = query_run
+  copy = tmp_path / 'run'
+  shutil.copytree(out, copy)
+  resume.mark_being_written(str(copy))
+  for flags in (['--key', 'dogs/001.jpg'], ['--duplicates']):
+    with pytest.raises(SystemExit) as exit_info:
+      query_index.main(['--run', str(copy), *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        'query_index.py: error: --run %s is being written by another run (process %d, '
+        % (copy, os.getpid()))
+  resume.unmark_being_written(str(copy))
+  assert query_index.main(['--run', str(copy), '--key', 'dogs/001.jpg', '--k', '1'])[0][
+      'neighbors'][0]['key'] == 'dogs/001.jpg'
+
+
+def test_an_index_left_half_rebuilt_is_one_line(query_run, tmp_path, capsys):
+  """A rebuild killed between its files: the search parameters of another index type."""
+  out, _, _ = query_run
+  copy = tmp_path / 'run'
+  shutil.copytree(out, copy)
+  info_path = copy / 'v3' / 'index_info.json'
+  info = json.loads(info_path.read_text())
+  info_path.write_text(json.dumps(dict(info, search_parameters={'nprobe': 8})))
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(copy), '--key', 'dogs/001.jpg'])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and error[0].startswith(
+      'query_index.py: error: cannot read the index of model v3 in %s (could not set '
+      'parameter nprobe); ' % copy)
+  assert error[0].endswith('rebuild it with run_pipeline.py --output %s --index_only '
+                           '--model v3' % copy)
 
 
 def test_a_run_folder_renamed_with_brackets_is_one_line(query_run, tmp_path, capsys):
