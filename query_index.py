@@ -20,8 +20,8 @@ from transforms.index import (embeddings_matrix, group_pairs, iter_embedding_bat
                               load_index, near_duplicate_pairs, normalize, search)
 from transforms.models import (ModelSpec, ModelUnavailableError, finite_rows, load_embedder,
                                model_response, same_response)
-from transforms.read import (folder_as_pattern, match_pattern, normalize_pattern, quote_glob,
-                             relative_key)
+from transforms.read import (folder_as_pattern, match_pattern, may_be_image_file,
+                             normalize_pattern, quote_glob, relative_key)
 from views import html, query_page
 
 
@@ -190,25 +190,37 @@ def stored_vectors(run_dir, model_name, keys, root=None):
 
 
 def query_image_paths(given):
-  """An --image value -> the query images it names, as --input names images: a file as
-  given, or every file below a folder or matching a glob pattern (sorted)."""
+  """An --image value -> (the query images it names, the files it names that are no
+  image), as --input names images: a file as given, or every file below a folder or
+  matching a glob pattern (sorted). A named file is taken as an image: if it is not one,
+  the query stops and says why."""
   pattern = folder_as_pattern(normalize_pattern(given))
   if pattern == quote_glob(normalize_pattern(given)):  # one file: keep it as typed
-    return [given]
+    return [given], []
   paths = [metadata.path for metadata in match_pattern(pattern)]
   if not paths:
     raise QueryError('--image %s matches no files' % given)
-  return paths
+  # A folder of query images also holds sidecar files (.txt, .xmp, Thumbs.db): left out.
+  images, not_images = [], []
+  for path in paths:
+    (images if may_be_image_file(path) else not_images).append(path)
+  if not images:
+    raise QueryError('--image %s matches no image files (%d other files, such as %s)' % (
+        given, len(paths), utf8_text(paths[0])))
+  return images, not_images
 
 
 def read_image_list(path):
   """Query image paths listed in a text file, one per line (blank lines skipped)."""
   try:
     with outputs.FileSystems.open(path) as f:
-      text = f.read().decode('utf-8')
+      text = f.read().decode('utf-8-sig')  # the byte-order mark Windows editors write
   except Exception as e:  # pylint: disable=broad-except
     raise QueryError('cannot read --images_from %s: %s' % (path, e)) from e
-  return [line.strip() for line in text.splitlines() if line.strip()]
+  paths = [line.strip() for line in text.splitlines() if line.strip()]
+  if not paths:
+    raise QueryError('--images_from %s lists no image (it holds only blank lines)' % path)
+  return paths
 
 
 def run_queries(run_dir, model_name=None, images=(), keys=(), k=10, manifest=None):
@@ -326,7 +338,15 @@ def run_command(args):
   if args.duplicates:
     _, groups = find_duplicates(args.run, model_name, args.threshold, args.k, manifest)
     return groups, model_name, manifest
-  images = [path for given in args.image for path in query_image_paths(given)]
+  images = []
+  for given in args.image:
+    found, not_images = query_image_paths(given)
+    images += found
+    if not_images:
+      print('%s: note: --image %s: left out %d files that are not images (%s)' % (
+          'query_index.py', given, len(not_images), ', '.join(
+              terminal_text(utf8_text(path)) for path in not_images[:3])
+          + (', ...' if len(not_images) > 3 else '')), file=sys.stderr)
   for path in args.images_from:
     images += read_image_list(path)
   results = run_queries(args.run, model_name, images, args.key, args.k, manifest)

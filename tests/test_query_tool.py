@@ -108,6 +108,52 @@ def test_a_folder_or_pattern_queries_every_image_it_names(query_run, tmp_path, c
       'query_index.py: error: --image %s matches no files' % (tmp_path / '*.png')]
 
 
+def test_a_query_folder_leaves_out_files_that_are_not_images(query_run, tmp_path, capsys):
+  """Sidecar files in a folder of query images are left out with a note; a corrupt
+  image, or a file named on its own, still stops the query (it was meant as an image)."""
+  out, _, paths = query_run
+  folder = tmp_path / 'queries'
+  folder.mkdir()
+  shutil.copy(paths[0], folder / 'a.jpg')
+  (folder / 'a.txt').write_text('a caption')
+  (folder / 'Thumbs.db').write_bytes(b'\xd0\xcf\x11\xe0' + bytes(60))
+  results = query_index.main(['--run', str(out), '--k', '1', '--format', 'json',
+                              '--image', str(folder)])
+  assert [r['query'] for r in results] == [str(folder / 'a.jpg')]
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'query_index.py: note: --image %s: left out 2 files that are not images (%s, %s)' % (
+          folder, folder / 'Thumbs.db', folder / 'a.txt')]
+  for flags in (['--image', str(folder / 'a.txt')], ['--image', str(folder / '*.txt')]):
+    with pytest.raises(SystemExit) as exit_info:
+      query_index.main(['--run', str(out), *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1
+  assert error == ['query_index.py: error: --image %s matches no image files (1 other files, '
+                   'such as %s)' % (folder / '*.txt', folder / 'a.txt')]
+  (folder / 'b.jpg').write_bytes(paths[0].read_bytes()[:300])  # a JPEG cut short
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--image', str(folder)])
+  assert exit_info.value.code == 2
+  assert 'cannot use query image %s' % (folder / 'b.jpg') in capsys.readouterr().err
+
+
+def test_an_image_list_from_a_windows_editor_or_empty(query_run, tmp_path, capsys):
+  out, _, paths = query_run
+  listing = tmp_path / 'queries.txt'
+  listing.write_bytes(('\ufeff%s\r\n%s\r\n' % (paths[1], paths[2])).encode('utf-8'))
+  results = query_index.main(['--run', str(out), '--images_from', str(listing), '--k', '1'])
+  assert [r['query'] for r in results] == [str(paths[1]), str(paths[2])]
+  capsys.readouterr()
+  listing.write_text('\n  \n')
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--images_from', str(listing)])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'query_index.py: error: --images_from %s lists no image (it holds only blank lines)'
+      % listing]
+
+
 def test_a_path_given_as_a_key_is_told_its_key(query_run, capsys):
   out, root, paths = query_run
   with pytest.raises(SystemExit) as exit_info:

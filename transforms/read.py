@@ -354,6 +354,16 @@ def read_image_file(path, root, size=None, modified=None):
                      file_modified=modified)
 
 
+def may_be_image_file(path):
+  """Whether a file's first bytes may begin an image this project decodes (see
+  read_image_file); an unreadable file may be one."""
+  try:
+    with open_input(path, CompressionTypes.UNCOMPRESSED) as f:
+      return may_be_decodable(_read_up_to(f, IDENTIFYING_BYTES))
+  except Exception:  # pylint: disable=broad-except
+    return True  # reading it again says why it cannot be used
+
+
 def unread_file_record(listed, root):
   """The ImageRecord that reading this image file (an InputFile) would give, without its
   bytes or digest: key, uri, size and time as read_path writes them."""
