@@ -50,8 +50,10 @@ def _glob_paths(pattern):
 
 def unfinished_leftovers(out_dir):
   """Temporary files and directories that an interrupted run leaves behind: Beam's
-  sink directories (beam-temp-*) and half-written index, JSON or rewritten part files."""
-  patterns = [outputs.output_path(out_dir, '*', outputs.EMBEDDINGS_DIR, 'beam-temp-*'),
+  sink directories (beam-temp-*), half-written index, JSON or rewritten part files, and
+  an index build's trained and filled parts (each up to a whole index in size)."""
+  patterns = [outputs.output_path(out_dir, '*', outputs.INDEX_BUILD_PREFIX + '*'),
+              outputs.output_path(out_dir, '*', outputs.EMBEDDINGS_DIR, 'beam-temp-*'),
               outputs.output_path(out_dir, '*', outputs.EMBEDDINGS_DIR,
                                   '*' + outputs.TEMPORARY_SUFFIX),
               outputs.output_path(out_dir, outputs.FAILURES_DIR, 'beam-temp-*'),

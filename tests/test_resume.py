@@ -141,6 +141,9 @@ def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, i
   temporary.mkdir(parents=True)
   (temporary / 'x.part.parquet').write_bytes(b'PAR1 half written')
   (out / 'v1' / 'index.faiss.tmp-writing').write_bytes(b'half')
+  # An index build killed after it filled a part this run's build will not write.
+  build_part = out / 'v1' / (outputs.INDEX_BUILD_PREFIX + 'part-00007.faiss')
+  build_part.write_bytes(b'a filled part')
   v1_parts = {p.name: p.read_bytes() for p in (out / 'v1' / 'embeddings').iterdir()}
   # A part being rewritten without the rows of changed inputs.
   rewritten = out / 'v1' / 'embeddings' / (sorted(v1_parts)[0] + '.tmp-writing')
@@ -152,7 +155,7 @@ def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, i
   for name, data in v1_parts.items():  # completed parts are kept as they were
     assert (out / 'v1' / 'embeddings' / name).read_bytes() == data
   assert not temporary.exists() and not (out / 'v1' / 'index.faiss.tmp-writing').exists()
-  assert not rewritten.exists()
+  assert not rewritten.exists() and not build_part.exists()
   counts = manifest_counts(out)['models']
   assert counts['v1']['resumed'] == IMAGES and counts['v3']['resumed'] == 0
   # Every input found embedded by v1 is hashed to compare, and that digest is reused
