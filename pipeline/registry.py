@@ -2,6 +2,7 @@
 
 import re
 
+from schemas import outputs
 from transforms.models import ModelSpec
 
 DEFAULT_MODEL = 'mobilenet_v3_small_100_224'
@@ -33,6 +34,11 @@ def parse_model_spec(text):
   name, has_handle, handle = text.partition('=')
   name = name.strip()
   if not has_handle:
+    if '/' in name or '://' in name or name.endswith('.tflite'):
+      # A handle given alone: the model needs a name for its output folder.
+      raise ModelSpecError(
+          '--model %s: give the model a name for its output folder, as NAME=HANDLE '
+          '(for example --model mine=%s)' % (name, name))
     if name not in SEED_MODELS:
       raise ModelSpecError(
           'unknown model %r: use one of %s, or NAME=HANDLE with a hub URL, a SavedModel '
@@ -41,9 +47,16 @@ def parse_model_spec(text):
   if not _NAME.match(name):
     raise ModelSpecError('model name %r: use letters, digits, "_", "-" or "." '
                          '(it names the output folder)' % name)
-  handle, _, tensor = handle.strip().partition('#')
+  if name in outputs.RUN_LEVEL_NAMES or name.endswith(outputs.TEMPORARY_SUFFIX):
+    raise ModelSpecError('model name %r is the name of a file or folder the run writes '
+                         'beside the model folders (%s); choose another' % (
+                             name, ', '.join(outputs.RUN_LEVEL_NAMES[:3])))
+  handle, has_tensor, tensor = handle.strip().partition('#')
   if not handle:
     raise ModelSpecError('model %r has an empty handle after "="' % name)
+  if has_tensor and not tensor:
+    raise ModelSpecError('model %r has an empty tensor name after "#" (leave out the "#" '
+                         'for the model\'s own output)' % name)
   # A seed model's name fixes its input size, even when its weights come from elsewhere.
   input_size = SEED_MODELS[name][1] if name in SEED_MODELS else None
   return ModelSpec(name=name, handle=handle, tensor=tensor or None, input_size=input_size)

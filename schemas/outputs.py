@@ -32,6 +32,9 @@ PART_SHARD_TEMPLATE = '-SSSSS-of-NNNNN'
 # Suffix of a file being written; renamed to its final name once complete.
 TEMPORARY_SUFFIX = '.tmp-writing'
 PARQUET_SUFFIX = '.parquet'
+# What a run writes at the top of OUT/ besides one folder per model: no model may take
+# one of these names (its folder would replace the file, or mix into the folder).
+RUN_LEVEL_NAMES = (MANIFEST_FILE, FAILURES_DIR, REPORT_FILE, RUNNING_FILE)
 # Columns of a part written without Parquet's dictionary encoding: the floats of a
 # feature vector rarely repeat, so the writer built a dictionary for every row group
 # only to drop it (v3_small parts: 10% larger, and 0.006 ms more per row).

@@ -50,6 +50,33 @@ def test_unknown_model_name(one_photo):
   assert not (one_photo / 'out').exists()
 
 
+@pytest.mark.parametrize('spec,expected', [
+    ('manifest.json=/models/m.tflite', "model name 'manifest.json' is the name of a file or "
+     "folder the run writes beside the model folders (manifest.json, failures, report.html); "
+     "choose another"),
+    ('failures=/models/m.tflite', "model name 'failures' is the name of a file or folder"),
+    ('report.html=/models/m.tflite', "model name 'report.html' is the name of a file"),
+    ('m.tmp-writing=/models/m.tflite', "model name 'm.tmp-writing' is the name of a file"),
+    ('/models/m.tflite', '--model /models/m.tflite: give the model a name for its output '
+     'folder, as NAME=HANDLE (for example --model mine=/models/m.tflite)'),
+    ('m=/models/m.tflite#', "model 'm' has an empty tensor name after \"#\""),
+])
+def test_model_specs_that_would_break_the_output(spec, expected):
+  from pipeline.registry import ModelSpecError, parse_model_spec  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ModelSpecError) as error:
+    parse_model_spec(spec)
+  assert str(error.value).startswith(expected)
+
+
+def test_a_model_named_like_the_manifest_stops_at_launch(one_photo):
+  """It used to run: its folder replaced the manifest, and the run was lost."""
+  result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
+                   '--model', 'manifest.json=' + str(one_photo / 'm.tflite'))
+  assert result.returncode == 2
+  assert "model name 'manifest.json' is the name of a file" in error_line(result)
+  assert not (one_photo / 'out').exists()
+
+
 def test_hub_download_failure_says_how_to_use_a_local_copy(one_photo):
   # The seed model's default handle is a tfhub.dev URL, unreachable from here.
   result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
