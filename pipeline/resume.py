@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shlex
 import socket
 import uuid
 from typing import NamedTuple, Optional, Tuple
@@ -223,13 +224,15 @@ def check_every_model_resumed(out_dir, model_names):
     name = path.split('/')[-3]  # OUT/<model>/embeddings/part-*.parquet
     if name not in model_names and name not in left_out:
       _, made_by = outputs.parquet_embeddings_info(path)
-      left_out[name] = (made_by or {}).get('handle')
+      made_by = made_by or {}
+      left_out[name] = made_by.get('handle') and made_by['handle'] + (
+          '#' + made_by['tensor'] if made_by.get('tensor') else '')
   if left_out:
     raise OutputDirError(
         'cannot resume: %s also holds the embeddings of %s; resume with every model of '
         'the run (add %s), or delete %s to drop %s' % (
             out_dir, ', '.join(sorted(left_out)),
-            ' '.join('--model %s=%s' % (name, handle) if handle else '--model ' + name
+            ' '.join('--model ' + shlex.quote('%s=%s' % (name, handle) if handle else name)
                      for name, handle in sorted(left_out.items())),
             ' and '.join(outputs.model_dir(out_dir, name) for name in sorted(left_out)),
             'them' if len(left_out) > 1 else 'it'))

@@ -327,6 +327,20 @@ def test_resume_without_a_model_of_the_run_is_refused(tmp_path, uninterrupted, i
   assert manifest['counts']['models']['v1']['resumed'] == IMAGES
 
 
+def test_the_model_left_out_is_named_with_its_tensor(tmp_path):
+  """The flag the refusal suggests is the one that wrote the parts, #TENSOR included
+  (without it, a TFLite model gives its logits, of another length)."""
+  from pipeline import resume  # pylint: disable=import-outside-toplevel
+  parts = tmp_path / 'out' / 'v1' / 'embeddings'
+  parts.mkdir(parents=True)
+  record = {'name': 'v1', 'handle': '/models/my model.tflite', 'tensor': 'Logits/AvgPool'}
+  pq.write_table(outputs.embeddings_schema(512, record).empty_table(),
+                 str(parts / 'part-00000-of-00001.parquet'))
+  with pytest.raises(resume.OutputDirError) as error:
+    resume.check_every_model_resumed(str(tmp_path / 'out'), ['v2'])
+  assert "(add --model 'v1=/models/my model.tflite#Logits/AvgPool')" in str(error.value)
+
+
 def test_resume_with_a_copy_of_the_same_model_goes_on(tmp_path, uninterrupted, inputs,
                                                       test_models):
   out = tmp_path / 'out'
