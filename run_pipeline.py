@@ -134,7 +134,7 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   import apache_beam as beam  # pylint: disable=import-outside-toplevel
   from pipeline.graph import build_index_only_pipeline  # pylint: disable=import-outside-toplevel
   from pipeline import runners  # pylint: disable=import-outside-toplevel
-  from pipeline.resume import mark_being_written, unmark_being_written  # pylint: disable=import-outside-toplevel
+  from pipeline.resume import delete_paths, mark_being_written, unmark_being_written  # pylint: disable=import-outside-toplevel
   from schemas import outputs  # pylint: disable=import-outside-toplevel
   try:
     config = make_index_only_config(args)
@@ -145,6 +145,8 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   launch.update(out_dir=config.out_dir, rebuilding_indexes=True)
   try:
     mark_being_written(config.out_dir)  # inside the try, as run_job prepares its output
+    # The report shows the index figures: with --no_report it would keep the old ones.
+    delete_paths([outputs.output_path(config.out_dir, outputs.REPORT_FILE)])
     with runners.stop_if_a_worker_dies(last_words(launch)):
       with runners.quiet_submission(runners.runner_name_of(pipeline_options)):
         result = pipeline.run()

@@ -66,8 +66,7 @@ def unfinished_leftovers(out_dir):
 def run_outputs(out_dir):
   """The files and directories a run writes into out_dir, manifest first (deleting it
   first means a half-deleted directory never looks complete)."""
-  found = [outputs.output_path(out_dir, outputs.MANIFEST_FILE)]
-  found = [p for p in found if FileSystems.exists(p)]
+  found = outdated_views(out_dir)
   found += _glob_paths(outputs.output_path(out_dir, outputs.FAILURES_DIR))
   model_dirs = set()
   for name in (outputs.EMBEDDINGS_DIR, outputs.INDEX_FILE, outputs.INDEX_IDS_FILE,
@@ -272,14 +271,22 @@ def resumed_keys_root(state, root, patterns, given=None):
 
 def prepare_output_dir(out_dir, resume_state, overwrite=False):
   """Just before the pipeline starts: --overwrite deletes the earlier run's outputs;
-  --resume deletes the manifest (the output is about to change) and the temporary
-  leftovers of interrupted attempts, keeping every completed part."""
+  --resume deletes the manifest and the report (the output is about to change) and the
+  temporary leftovers of interrupted attempts, keeping every completed part."""
   if overwrite:
     delete_paths(run_outputs(out_dir))
   elif resume_state is not None:
-    delete_paths([outputs.output_path(out_dir, outputs.MANIFEST_FILE)]
-                 + unfinished_leftovers(out_dir))
+    delete_paths(outdated_views(out_dir) + unfinished_leftovers(out_dir))
   mark_being_written(out_dir)
+
+
+def outdated_views(out_dir):
+  """The files that describe a finished run as a whole, deleted as soon as it changes:
+  the manifest (the run is not finished until it is written again) and the report,
+  which a run with --no_report would otherwise leave with the old figures."""
+  return [path for path in (outputs.output_path(out_dir, outputs.MANIFEST_FILE),
+                            outputs.output_path(out_dir, outputs.REPORT_FILE))
+          if FileSystems.exists(path)]
 
 
 def earlier_failure_files(out_dir, run_tag):

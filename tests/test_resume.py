@@ -121,6 +121,23 @@ def test_unfinished_run_is_refused_and_overwrite_starts_again(tmp_path, uninterr
   assert_same_output(out, uninterrupted)
 
 
+def test_a_run_without_a_report_leaves_no_old_one(tmp_path, uninterrupted, inputs,
+                                                  test_models):
+  """--no_report on a run that changes an output: its earlier report.html, whose figures
+  no longer hold, is deleted with the manifest."""
+  out = tmp_path / 'out'
+  shutil.copytree(uninterrupted, out)
+  report = out / 'report.html'
+  for extra in (['--resume'], ['--overwrite']):
+    report.write_text('12 images read')
+    run_pipeline.main(job_args(inputs, out, test_models, '--no_report', *extra))
+    assert not report.exists() and (out / 'manifest.json').exists()
+  report.write_text('index: Flat')
+  run_pipeline.main(['--output', str(out), '--index_only', '--index_type', 'HNSW8',
+                     '--no_report', *IN_PROCESS])
+  assert not report.exists()
+
+
 def test_resume_embeds_only_what_is_missing_per_model(tmp_path, uninterrupted, inputs,
                                                       test_models, monkeypatch):
   hashed = []
