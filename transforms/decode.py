@@ -1,6 +1,7 @@
 """Decode stage: encoded bytes -> RGB uint8 pixels at every model input size, decoded once."""
 
 import io
+import re
 import warnings
 
 import apache_beam as beam
@@ -114,6 +115,14 @@ def _orientation(image):
     return 1  # unreadable EXIF: the pixels are still good
 
 
+_POSSIBLE_BOMB_PIXELS = re.compile(r'Image size \((\d+) pixels\)')
+
+
+def _too_many_pixels(declared, max_pixels):
+  return ('image declares %s pixels, more than the limit of %d (possible decompression '
+          'bomb; --max_image_pixels raises the limit)' % (declared, max_pixels))
+
+
 def load_image(data, draft_side, max_pixels=MAX_IMAGE_PIXELS):
   """Encoded image bytes -> (upright RGB Pillow image, width, height).
 
@@ -142,14 +151,16 @@ def load_image(data, draft_side, max_pixels=MAX_IMAGE_PIXELS):
   except Image.UnidentifiedImageError as e:
     raise ImageDecodeError('unsupported or unrecognized image format') from e
   except Image.DecompressionBombError as e:
-    raise ImageDecodeError('%s (possible decompression bomb)' % e) from e
+    # Pillow's own refusal, from twice its limit (which is at least this run's): said as
+    # the check below says it, with the run's limit, not Pillow's doubled one.
+    declared = _POSSIBLE_BOMB_PIXELS.search(str(e))
+    raise ImageDecodeError(_too_many_pixels(declared.group(1) if declared else 'more',
+                                            max_pixels)) from e
   width, height = image.size
   if isinstance(image, JpegImagePlugin.JpegImageFile):
     image.draft(None, (draft_side, draft_side))
   if image.size[0] * image.size[1] > max_pixels:
-    raise ImageDecodeError(
-        'image declares %dx%d pixels, more than the limit of %d (possible decompression '
-        'bomb; --max_image_pixels raises the limit)' % (width, height, max_pixels))
+    raise ImageDecodeError(_too_many_pixels('%dx%d' % (width, height), max_pixels))
   orientation = _orientation(image)
   if orientation in _ROTATING_ORIENTATIONS:
     width, height = height, width
