@@ -14,6 +14,7 @@ from transforms.decode import MAX_IMAGE_PIXELS, DecodeImages, preprocessing_reco
 from transforms.embed import EmbedImages
 from transforms.failures import FailureReasons
 from transforms.index import AUTO, DEFAULT_MEMORY_BUDGET, BuildIndex
+from transforms.models import FORMAT_TFLITE
 from transforms import metrics as run_metrics
 from transforms.read import ReadImages
 from transforms.write import WriteEmbeddings, WriteFailures
@@ -109,7 +110,9 @@ def model_record(spec):
   """A probed model as the manifest describes it."""
   return {'name': spec.name, 'handle': spec.handle, 'tensor': spec.tensor,
           'format': spec.model_format, 'input_size': list(spec.input_size), 'dim': spec.dim,
-          'freeze_weights': spec.freeze_weights}
+          # Only a SavedModel has weights to freeze: no claim for a TFLite model.
+          'freeze_weights': (None if spec.model_format == FORMAT_TFLITE
+                             else spec.freeze_weights)}
 
 
 def write_manifest(config: JobConfig, facts, index_infos, failure_reasons=()):

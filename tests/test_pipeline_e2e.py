@@ -80,6 +80,9 @@ def test_output_layout_counts_and_failures(three_model_run):
   assert failures[0]['message']
   assert {m['name']: m['dim'] for m in manifest['models']} == {
       'v3': 1024, 'mobilenet_v1_050_160': 512, 'v2': 1664}
+  # Frozen weights are a SavedModel's; a TFLite model makes no claim either way.
+  assert {m['name']: m['freeze_weights'] for m in manifest['models']} == {
+      'v3': True, 'mobilenet_v1_050_160': True, 'v2': None}
 
 
 def test_rows_match_schema_keys_and_labels(three_model_run):

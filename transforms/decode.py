@@ -45,7 +45,9 @@ PREPROCESSING = {
     'jpeg_draft': 'DCT downscaling to no less than %dx the input size' % DRAFT_MARGIN,
     'resize': 'whole image to the model input size (aspect ratio not kept), '
               'Pillow BILINEAR with antialiasing',
-    'transport': 'uint8 RGB, scaled to float32 [0, 1] inside the model call',
+    'transport': 'uint8 RGB to the model call, which scales it to float32 [0, 1] '
+                 '(SavedModels, float TFLite inputs) or feeds the codes as they are '
+                 '(quantized TFLite inputs; int8 ones less 128)',
 }
 
 
