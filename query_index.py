@@ -183,10 +183,24 @@ def stored_vectors(run_dir, model_name, keys, root=None):
   if missing:
     hints = ['%s is the key of %s' % (keys_of_paths[k], k) for k in missing
              if keys_of_paths.get(k) in found]
+    if not hints:
+      hints = ['%s failed at %s: %s' % (key, failure['stage'], failure['message'])
+               for key, failure in failures_of(run_dir, missing, model_name).items()]
+      root = None
     raise QueryError('no embedding with key %s in model %s%s' % (
-        ', '.join(missing), model_name, ' (%s; keys are paths relative to %s)' % (
-            ', '.join(hints), root) if hints else ''))
+        ', '.join(missing), model_name, ' (%s%s)' % (
+            '; '.join(hints), '; keys are paths relative to %s' % root if root else '')
+        if hints else ''))
   return np.stack([found[k] for k in keys])
+
+
+def failures_of(run_dir, keys, model_name):
+  """{key: failure row} of the inputs among `keys` that the run recorded as failures
+  for this model (or for every model: read and decode failures name none)."""
+  paths = outputs.matching_paths(outputs.failures_glob(run_dir))
+  table = outputs.read_parquet(paths, filters=[('key', 'in', list(keys))]) if paths else None
+  return {row['key']: row for row in (table.to_pylist() if table is not None else [])
+          if row['model'] in (None, model_name)}
 
 
 def query_image_paths(given):

@@ -167,6 +167,17 @@ def test_a_path_given_as_a_key_is_told_its_key(query_run, capsys):
       'key'] == key
 
 
+def test_the_key_of_a_failed_input_is_told_why(query_run, capsys):
+  out, _, _ = query_run
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), '--key', 'cats/corrupt.jpg', '--key', 'cats/none.jpg'])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and error[0].startswith(
+      'query_index.py: error: no embedding with key cats/corrupt.jpg, cats/none.jpg in model '
+      'v3 (cats/corrupt.jpg failed at decode: ')
+
+
 def test_missing_image_list_is_one_line(query_run, tmp_path, capsys):
   out, _, _ = query_run
   with pytest.raises(SystemExit) as exit_info:
