@@ -50,9 +50,9 @@ def build_parser():
                           '(default: 10)')
   group.add_argument('--duplicates', action='store_true',
                      help='list groups of near-duplicate images of the run instead')
-  group.add_argument('--threshold', type=float, default=DEFAULT_THRESHOLD,
+  group.add_argument('--threshold', type=float,
                      help='with --duplicates: the cosine similarity from which two images '
-                          'count as near-duplicates (default: %(default)s)')
+                          'count as near-duplicates (default: %s)' % DEFAULT_THRESHOLD)
   group.add_argument('--format', choices=('table', 'json', 'html'), default='table',
                      help='output format; html is one self-contained page with '
                           'thumbnails (default: %(default)s)')
@@ -336,6 +336,13 @@ def run_command(args):
   if args.duplicates and (args.image or args.key or args.images_from):
     raise QueryError('--duplicates looks at the whole run; it takes no --image, --key '
                      'or --images_from')
+  if args.threshold is None:
+    args.threshold = DEFAULT_THRESHOLD
+  elif not args.duplicates:
+    raise QueryError('--threshold applies to --duplicates only')
+  if not -1 <= args.threshold <= 1:
+    raise QueryError('--threshold is a cosine similarity, from -1 to 1 (got %s)'
+                     % args.threshold)
   if args.out and (args.out.endswith('/') or outputs.is_local_folder(args.out)):
     raise QueryError('--out %s is a folder; give the name of a file to write, for example '
                      '--out %s' % (args.out, outputs.output_path(args.out, 'results.' + (

@@ -159,9 +159,10 @@ def rebuild_indexes(parser, args, pipeline_options, launch):
   for model in manifest['models']:
     info = model['index'] or {}
     if model['name'] in config.model_names:
+      recall = info.get('recall_at_10')
       print('%s: %s index of %s vectors, recall@10 %s, median latency %s ms' % (
-          model['name'], info.get('factory'), info.get('count'), info.get('recall_at_10'),
-          (info.get('latency_ms') or {}).get('median')))
+          model['name'], info.get('factory'), info.get('count'),
+          '-' if recall is None else '%.3f' % recall, (info.get('latency_ms') or {}).get('median')))
   return result
 
 

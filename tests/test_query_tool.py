@@ -335,6 +335,29 @@ def test_duplicates_take_no_queries(query_run, capsys):
   assert 'takes no --image' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('flags,expected', [
+    (['--key', 'dogs/001.jpg', '--threshold', '0.9'], '--threshold applies to --duplicates only'),
+    (['--duplicates', '--threshold', '1.5'],
+     '--threshold is a cosine similarity, from -1 to 1 (got 1.5)'),
+])
+def test_threshold_mistakes_are_one_line(query_run, capsys, flags, expected):
+  out, _, _ = query_run
+  with pytest.raises(SystemExit) as exit_info:
+    query_index.main(['--run', str(out), *flags])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == ['query_index.py: error: ' + expected]
+
+
+def test_scores_stay_cosines(query_run):
+  out, _, _ = query_run
+  keys = ['dogs/001.jpg', 'boats/copy_of_000.jpg', 'cats/000.jpg']
+  for result in query_index.main(['--run', str(out), '--k', '20'] +
+                                 [flag for key in keys for flag in ('--key', key)]):
+    scores = [n['score'] for n in result['neighbors']]
+    assert all(-1.0 <= score <= 1.0 for score in scores)
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.9999
+
+
 def test_a_replaced_model_is_not_used_for_queries(tmp_path, photo_tree, capsys):
   import model_factory  # pylint: disable=import-outside-toplevel
   root, paths, _ = photo_tree

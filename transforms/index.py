@@ -802,6 +802,8 @@ def search(index, keys, uris, query_vectors, k):
     if not short.any():
       break
     scores[short], ids[short] = index.search(query_vectors[short], k)
+  # Float rounding can put the cosine of an image with itself a hair above 1.
+  scores = np.clip(scores, -1.0, 1.0)
   return [[{'rank': rank + 1, 'key': keys[i], 'uri': uris[i], 'score': float(score)}
            for rank, (i, score) in enumerate(zip(row_ids, row_scores)) if i >= 0]
           for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
