@@ -20,7 +20,7 @@ from schemas import outputs
 from schemas.records import utf8_text
 from transforms.decode import MAX_IMAGE_PIXELS
 from transforms.embed import DEFAULT_BATCH_SIZE
-from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory
+from transforms.index import AUTO, MIN_MEMORY_BUDGET, check_factory, training_minimum
 from transforms.models import ModelUnavailableError
 from transforms.read import (INPUT_FORMATS, common_root, folder_as_pattern, holds_shards,
                              match_pattern, normalize_pattern, other_case_matches)
@@ -281,13 +281,23 @@ def _check_memory_budget(args):
                      % (MIN_MEMORY_BUDGET // 2**20))
 
 
-def _check_index_type(args, dims):
+def _check_index_type(args, dims, vector_counts=None, counted='its embeddings'):
+  """vector_counts: {model name: (dim, the most vectors its index can get)}, when known
+  at launch: an index type that cannot be trained on so few stops the job now, not
+  after every image is embedded."""
   if args.index_type != AUTO:
     for dim in sorted(set(dims)):
       try:
         check_factory(args.index_type, dim)
       except ValueError as e:
         raise UsageError('--index_type %s' % e) from e
+    for name, (dim, count) in sorted((vector_counts or {}).items()):
+      needed = training_minimum(args.index_type, dim)
+      if count < needed:
+        raise UsageError(
+            '--index_type %s needs at least %d vectors to train, and model %s can have %d '
+            '(%s); use --index_type auto, or fewer lists or codes' % (
+                args.index_type, needed, name, count, counted))
 
 
 def make_index_only_config(args):
@@ -321,7 +331,10 @@ def make_index_only_config(args):
       raise UsageError('the run has no model %s (it has: %s)' % (
           ', '.join(unknown), ', '.join(m['name'] for m in models)))
     models = [m for m in models if m['name'] in chosen]
-  _check_index_type(args, [m['dim'] for m in models])
+  embedded = outputs.read_json(manifest_path).get('counts', {}).get('models', {})
+  _check_index_type(args, [m['dim'] for m in models],
+                    {m['name']: (m['dim'], embedded[m['name']]['embedded']) for m in models
+                     if 'embedded' in embedded.get(m['name'], {})})
   return IndexOnlyConfig(out_dir=out_dir, model_names=tuple(m['name'] for m in models),
                          index_type=args.index_type,
                          index_memory_budget=args.index_memory_budget,
@@ -416,7 +429,13 @@ def make_config(args, probe_in_subprocess=False):
     root = resumed_keys_root(resume, common_root(patterns), patterns, args.input)
   except OutputDirError as e:
     raise UsageError(str(e)) from e
-  _check_index_type(args, [spec.dim for spec in specs])
+  shards = holds_shards(matched, args.input_format)
+  # Each file is one image at most: the listing bounds the vectors, unless it was cut
+  # short, holds shards, or a resumed run keeps earlier rows.
+  bounded = not (args.resume or shards or len(matched) >= LISTED_AT_LAUNCH)
+  _check_index_type(args, [spec.dim for spec in specs],
+                    {spec.name: (spec.dim, len(matched)) for spec in specs}
+                    if bounded else None, 'the files --input matches')
   return JobConfig(
       patterns=tuple(patterns), input_format=args.input_format,
       root=root, out_dir=out_dir, models=tuple(specs),
@@ -428,7 +447,7 @@ def make_config(args, probe_in_subprocess=False):
       # The listing above already says whether a shuffle of every image's bytes is
       # needed: only shards hold many images per matched file. A pattern matching more
       # files than were listed is judged by the first ones.
-      spread_records=holds_shards(matched, args.input_format))
+      spread_records=shards)
 
 
 def parse_command_line(argv):

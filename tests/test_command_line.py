@@ -236,6 +236,20 @@ def test_bad_index_type_stops_before_work(one_photo, test_models):
   assert not (one_photo / 'out').exists()
 
 
+def test_an_index_type_needing_more_vectors_than_files_stops_before_work(one_photo,
+                                                                         test_models):
+  """One file gives one vector at most: eight inverted lists cannot be trained on it
+  (this used to fail after every image was embedded, in a Beam traceback)."""
+  result = run_cli('--input', str(one_photo / '*.jpg'), '--output', str(one_photo / 'out'),
+                   '--model', 'v3=' + test_models['v3_tf2'], '--index_type', 'IVF8,Flat')
+  assert result.returncode == 2
+  assert error_line(result) == (
+      'run_pipeline.py: error: --index_type IVF8,Flat needs at least 8 vectors to train, and '
+      'model v3 can have 1 (the files --input matches); use --index_type auto, or fewer '
+      'lists or codes')
+  assert not (one_photo / 'out').exists()
+
+
 @pytest.mark.parametrize('flags,message', [
     (['--index_memory_budget', 'lots'], "not a size: 'lots'"),
     (['--index_memory_budget', '1MB'], 'must be at least 64MB'),

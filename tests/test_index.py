@@ -264,6 +264,37 @@ def synthetic_run(tmp_path_factory):
   return out
 
 
+def test_index_only_refuses_an_index_its_vectors_cannot_train(synthetic_run, capsys):
+  out = synthetic_run
+  before = (out / 'manifest.json').read_bytes()
+  with pytest.raises(SystemExit) as exit_info:
+    run_pipeline.main(['--output', str(out), '--index_only', '--index_type', 'IVF4096,Flat',
+                       '--no_report', *IN_PROCESS])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      'run_pipeline.py: error: --index_type IVF4096,Flat needs at least 4096 vectors to '
+      'train, and model %s can have 3000 (its embeddings); use --index_type auto, or fewer '
+      'lists or codes' % MODEL_NAME)
+  assert (out / 'manifest.json').read_bytes() == before
+
+
+@pytest.mark.parametrize('factory,dim,needed', [
+    ('Flat', 32, 0), ('HNSW8', 32, 0), ('IVF64,Flat', 32, 64), ('IVF8,PQ8', 32, 256),
+    ('PQ8x4', 32, 16), ('IVF16_HNSW8,SQ8', 32, 16), ('OPQ8,IVF16,PQ8', 32, 256),
+    ('OPQ8,IVF16,PQ8', 512, 512)])
+def test_training_minimum_is_what_faiss_trains_on(factory, dim, needed):
+  assert index_stage.training_minimum(factory, dim) == needed
+  if not needed or (factory.startswith('OPQ') and needed - 1 < dim):
+    return  # OPQ below its dimension aborts the whole process (FAISS 1.15): not tried
+  rng = np.random.default_rng(0)
+  index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  index.train(rng.random((needed, dim), dtype=np.float32))
+  assert index.is_trained
+  index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  with pytest.raises(RuntimeError, match='at least as large as number of clusters'):
+    index.train(rng.random((needed - 1, dim), dtype=np.float32))
+
+
 @pytest.mark.parametrize('factory,parts,reaches_target', [
     ('Flat', 1, True), ('HNSW16', 1, True), ('IVF32,Flat', 3, True),
     ('IVF16,PQ8', 3, False)])

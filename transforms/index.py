@@ -131,6 +131,27 @@ def check_factory(factory, dim):
                      'index_ids.parquet; leave out the IDMap part' % factory)
 
 
+def training_minimum(factory, dim):
+  """The fewest vectors FAISS trains an index of this factory string on: one per
+  inverted list, one per code of a product quantizer, and for OPQ's rotation also one
+  per input dimension (FAISS 1.15 aborts the process, uncatchable, with fewer)."""
+  index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  if index.is_trained:
+    return 0
+  parts = [faiss.downcast_index(index)]
+  if isinstance(parts[0], faiss.IndexPreTransform):
+    parts = [faiss.downcast_VectorTransform(parts[0].chain.at(i))
+             for i in range(parts[0].chain.size())] + [faiss.downcast_index(parts[0].index)]
+  ivf = faiss.try_extract_index_ivf(index)
+  needs = [1, ivf.nlist if ivf is not None else 0]
+  for part in parts:
+    if isinstance(part, faiss.OPQMatrix):
+      needs.append(max(2 ** 8, part.d_in))  # its quantizer's codes: 8 bits each
+    elif hasattr(part, 'pq'):
+      needs.append(part.pq.ksub)
+  return max(needs)
+
+
 def training_count(index, count, memory_budget):
   """Vectors to train `index` on: enough for its lists and codebooks, within the budget."""
   if index.is_trained:
