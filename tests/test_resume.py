@@ -550,9 +550,17 @@ def test_an_index_type_too_big_for_the_run_fails_with_one_short_line(tmp_path, i
                                                                       test_models):
   # In a worker process the error reaches the launcher as a RuntimeError whose message
   # is the worker's whole traceback; the last line says only what happened and where.
+  # 256 files that are no images make the launch's count of files enough for 256 lists:
+  # only the index finds out that too few of them became vectors.
   out = tmp_path / 'out'
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  for number in range(256):
+    (broken / ('%03d.jpg' % number)).write_bytes(b'not an image')
+  more = ['--input', str(broken)]
   command = [sys.executable, str(PROJECT / 'run_pipeline.py'), '--index_type', 'IVF256,Flat',
-             *[arg for arg in job_args(inputs, out, test_models) if arg not in IN_PROCESS]]
+             *[arg for arg in job_args(inputs, out, test_models) if arg not in IN_PROCESS],
+             *more]
   result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300, check=False)
   assert result.returncode == 1, result.stderr[-3000:]
@@ -566,7 +574,8 @@ def test_an_index_type_too_big_for_the_run_fails_with_one_short_line(tmp_path, i
   assert not (out / 'manifest.json').exists()
 
   # Everything was embedded: the resumed run only builds the indexes.
-  run_pipeline.main(job_args(inputs, out, test_models, '--resume', '--index_type', 'auto'))
+  run_pipeline.main(job_args(inputs, out, test_models, '--resume', '--index_type', 'auto',
+                              *more))
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['counts']['models']['v1']['resumed'] == IMAGES
   assert manifest['counts']['reconciled']
