@@ -15,7 +15,8 @@ from pipeline.registry import DEFAULT_MODEL, SEED_MODELS, ModelSpecError, parse_
 from pipeline.resume import (OutputDirError, check_every_model_resumed, check_not_being_written,
                              check_output_dir, resume_state, resumed_keys_root)
 from pipeline.runners import (RunnerUsageError, check_cloud_storage_locations, with_dry_run,
-                              with_local_defaults, with_project_shipped)
+                              with_local_defaults, with_local_worker_plugin,
+                              with_project_shipped)
 from schemas import outputs
 from schemas.records import utf8_text
 from transforms.decode import MAX_IMAGE_PIXELS
@@ -469,7 +470,7 @@ def parse_command_line(argv):
       beam_args = with_dry_run(beam_args)
   except (UsageError, RunnerUsageError) as e:
     parser.error(str(e))
-  return parser, args, PipelineOptions(with_local_defaults(beam_args))
+  return parser, args, PipelineOptions(with_local_worker_plugin(with_local_defaults(beam_args)))
 
 
 def quiet_tensorflow():

@@ -2,6 +2,7 @@
 runs, dying local workers, and the last line of an interrupted or failed launch."""
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -111,9 +112,26 @@ def stop_if_a_worker_dies(last_words):
   lock = threading.Lock()
   watching = True  # False once the handler is gone: a signal then would end us
   death = None  # the first worker's report
+  interrupted = False
 
   def raise_in_main_thread(signum, frame):
     raise WorkerProcessDied(death)
+
+  def stop_on_interrupt(signum, frame):
+    # The workers leave Ctrl-C to this process (pipeline/local_worker.py). They are
+    # stopped here, and the runner's complaints about them, in its threads and in its
+    # clean-up on the way out, are not shown: the interruption gets one line.
+    nonlocal interrupted
+    with lock:
+      interrupted = True
+    logging.disable(logging.CRITICAL)
+    workers = local_worker_pids()
+    # The shell each worker runs under first: it would print "Killed" for its child.
+    for pid in {process_stat_field(pid, 4) for pid in workers} - {os.getpid(), None}:
+      _kill(pid)
+    for pid in workers:
+      _kill(pid)
+    raise KeyboardInterrupt
 
   def give_up():
     with lock:
@@ -129,6 +147,8 @@ def stop_if_a_worker_dies(last_words):
 
   def on_thread_error(args):
     nonlocal death
+    if interrupted:
+      return  # a runner thread that lost its worker
     if (args.thread is not None and args.thread.name == _WORKER_THREAD
         and isinstance(args.exc_value, RuntimeError) and _WORKER_EXIT in str(args.exc_value)):
       with lock:
@@ -146,15 +166,20 @@ def stop_if_a_worker_dies(last_words):
 
   previous_hook = threading.excepthook
   previous_handler = signal.signal(signal.SIGUSR1, raise_in_main_thread)
+  previous_interrupt_handler = signal.signal(signal.SIGINT, stop_on_interrupt)
   threading.excepthook = on_thread_error
   try:
     yield
   finally:
     with lock:
       watching = False
-      threading.excepthook = previous_hook
+      if not interrupted:  # else the runner's threads may still be failing
+        threading.excepthook = previous_hook
       deadline.cancel()
     signal.signal(signal.SIGUSR1, previous_handler)
+    signal.signal(signal.SIGINT, previous_interrupt_handler)
+    # After an interruption, logging stays off: the runner's threads may still be
+    # failing while the process ends with its one line.
 
 
 def local_cores():
@@ -195,6 +220,18 @@ def with_local_defaults(beam_args):
     return list(beam_args)
   return list(beam_args) + ['--direct_running_mode=multi_processing',
                             '--direct_num_workers=%d' % local_cores()]
+
+
+# Imported by each local worker process as it starts (see pipeline/local_worker.py).
+LOCAL_WORKER_PLUGIN = 'pipeline.local_worker'
+
+
+def with_local_worker_plugin(beam_args):
+  """beam_args, plus the plugin that quiets Ctrl-C in local worker processes, when the
+  job runs in such processes."""
+  if not local_worker_processes(PipelineOptions(beam_args)):
+    return list(beam_args)
+  return list(beam_args) + ['--beam_plugins=' + LOCAL_WORKER_PLUGIN]
 
 
 def local_worker_processes(pipeline_options):

@@ -513,6 +513,49 @@ def test_ctrl_c_stops_with_one_line_and_resume_finishes(tmp_path, uninterrupted,
   assert_same_output(out, uninterrupted)
 
 
+def _ignores_sigint(pid):
+  try:
+    with open('/proc/%d/status' % pid, encoding='ascii') as f:
+      ignored = next(line for line in f if line.startswith('SigIgn:')).split()[1]
+  except (OSError, StopIteration):
+    return False
+  return bool(int(ignored, 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_ctrl_c_on_a_terminal_is_one_line_with_worker_processes(tmp_path, inputs,
+                                                                test_models):
+  """A terminal's Ctrl-C reaches the whole foreground process group, the local worker
+  processes too: each printed a traceback. They leave it to the launcher, which stops
+  them and says one line."""
+  out = tmp_path / 'out'
+  command = [sys.executable, str(PROJECT / 'run_pipeline.py'), '--no_report',
+             *[arg for arg in job_args(inputs, out, test_models) if arg not in IN_PROCESS]]
+  process = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+  workers = []
+  try:
+    deadline = time.time() + 240
+    # Once both workers are up and have set their handling of the signal.
+    while process.poll() is None and time.time() < deadline:
+      workers = runners.local_worker_pids(process.pid)
+      if len(workers) == 2 and all(_ignores_sigint(pid) for pid in workers):
+        break
+      time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)  # what the terminal does
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert len(workers) == 2, 'the run ended before its workers were seen'
+  assert process.returncode == 130, stderr[-3000:]
+  lines = [line for line in stderr.strip().splitlines() if ' | read ' not in line]
+  assert lines == ['run_pipeline.py: interrupted; %s holds an unfinished run: to finish it, '
+                   'run the same command with --resume (without --overwrite)' % out], stderr
+  deadline = time.time() + 30
+  while any(os.path.exists('/proc/%d' % pid) for pid in workers) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not any(os.path.exists('/proc/%d' % pid) for pid in workers)
+
+
 def test_a_worker_process_killed_at_start_ends_the_run_with_one_line(tmp_path, inputs,
                                                                      test_models):
   # What the system does to a worker when memory runs out. The DirectRunner alone would
