@@ -24,8 +24,8 @@ def failure_reason_text(entry):
 
 
 # What a resumed run did with the earlier rows, as the manifest counts it per model.
-_RESUMED_WORDS = ((CHANGED, 'changed since, embedded again'),
-                  (REMOVED, 'of inputs gone, removed'),
+_RESUMED_WORDS = ((CHANGED, 'changed since, read again'),
+                  (REMOVED, 'rows of inputs gone, removed'),
                   (MOVED, 'found at a new place, uri updated'))
 
 

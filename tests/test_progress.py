@@ -174,9 +174,9 @@ def test_summary_of_a_resumed_run_says_what_became_of_the_earlier_rows():
       '  model  embedded  failed  images/s',
       '  v1            9       1         -',
       '  v3            9       1         -',
-      '  resumed v1: 1,200 up to date; 2 changed since, embedded again; 1,198 found at a '
+      '  resumed v1: 1,200 up to date; 2 changed since, read again; 1,198 found at a '
       'new place, uri updated',
-      '  resumed v3: 0 up to date; 3 of inputs gone, removed',
+      '  resumed v3: 0 up to date; 3 rows of inputs gone, removed',
       '  1,150 inputs unchanged in size and time since: not read again']
 
 
