@@ -4,6 +4,7 @@ import argparse
 import difflib
 import os
 import re
+import sys
 import time
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
@@ -249,9 +250,10 @@ def check_output(out_dir):
 def add_index_flags(parser):
   group = parser.add_argument_group('index options')
   group.add_argument(
-      '--index_type', default=AUTO, metavar='auto|FACTORY',
+      '--index_type', metavar='auto|FACTORY',
       help="'auto' chooses the FAISS index from the number of vectors, the dimension and "
-           "--index_memory_budget; or any FAISS factory string (default: %(default)s). "
+           "--index_memory_budget; or any FAISS factory string (default: auto; with "
+           "--resume, the one the run was last built with). "
            "Example: --index_type 'IVF1024,PQ32'")
   group.add_argument(
       '--index_memory_budget', default='4GB', type=parse_bytes, metavar='SIZE',
@@ -280,6 +282,21 @@ def _check_memory_budget(args):
   if args.index_memory_budget < MIN_MEMORY_BUDGET:
     raise UsageError('--index_memory_budget must be at least %dMB'
                      % (MIN_MEMORY_BUDGET // 2**20))
+
+
+def _choose_index_type(args, earlier_manifest=None):
+  """Sets args.index_type when the flag was left out: the factory string a resumed run
+  was last built with, when it was given then (a resume that chose again would undo an
+  --index_only rebuild without a word), else auto."""
+  if args.index_type is not None:
+    return
+  earlier = earlier_manifest or {}
+  chosen = ((earlier.get('index_rebuilt') or {}).get('options') or {}).get('index_type') or (
+      earlier.get('options') or {}).get('index_type') or AUTO
+  args.index_type = chosen
+  if chosen != AUTO:
+    print('run_pipeline.py: note: --resume keeps the index type the run was built with, '
+          '%s (--index_type auto chooses again)' % chosen, file=sys.stderr)
 
 
 def _check_index_type(args, dims, vector_counts=None, counted='its embeddings'):
@@ -313,6 +330,7 @@ def make_index_only_config(args):
     raise UsageError('--index_only rebuilds the indexes of the finished run in --output, '
                      'changing nothing else; it takes no %s' % output_dir_flags[0])
   _check_memory_budget(args)
+  _choose_index_type(args)
   out_dir = normalize_pattern(args.output)
   _check_output_name(out_dir)
   _check_reachable([('--output', out_dir)])
@@ -419,6 +437,9 @@ def make_config(args, probe_in_subprocess=False):
     check_output_dir(out_dir, args.resume, args.overwrite)
   except OutputDirError as e:
     raise UsageError(str(e)) from e
+  earlier_manifest = outputs.output_path(out_dir, outputs.MANIFEST_FILE)
+  _choose_index_type(args, outputs.read_json(earlier_manifest) if args.resume and (
+      outputs.FileSystems.exists(earlier_manifest)) else None)
   try:
     if args.resume:
       check_every_model_resumed(out_dir, [spec.name for spec in given])

@@ -264,6 +264,31 @@ def synthetic_run(tmp_path_factory):
   return out
 
 
+def test_resume_keeps_the_index_type_of_an_index_only_rebuild(tmp_path, photo_tree,
+                                                               test_models, capsys):
+  """--resume without --index_type used to choose again (auto) and undo the rebuild."""
+  root, _, _ = photo_tree
+  out = tmp_path / 'out'
+  job = ['--input', str(root / '**' / '*.jpg'), '--output', str(out), '--no_report',
+         '--model', 'v3=' + test_models['v3_tf2'], *IN_PROCESS]
+  run_pipeline.main(job)
+  run_pipeline.main(['--output', str(out), '--index_only', '--index_type', 'HNSW8',
+                     '--no_report', *IN_PROCESS])
+  capsys.readouterr()
+  run_pipeline.main(job + ['--resume'])
+  assert capsys.readouterr().err.strip().splitlines()[0] == (
+      'run_pipeline.py: note: --resume keeps the index type the run was built with, HNSW8 '
+      '(--index_type auto chooses again)')
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['models'][0]['index']['factory'] == 'HNSW8'
+  assert manifest['options']['index_type'] == 'HNSW8'
+  run_pipeline.main(job + ['--resume', '--index_type', 'auto'])
+  assert json.loads((out / 'manifest.json').read_text())['models'][0]['index'][
+      'factory'] == 'Flat'
+  run_pipeline.main(job + ['--resume'])  # auto, as last chosen: no note
+  assert 'note: --resume keeps' not in capsys.readouterr().err
+
+
 def test_index_only_refuses_an_index_its_vectors_cannot_train(synthetic_run, capsys):
   out = synthetic_run
   before = (out / 'manifest.json').read_bytes()
