@@ -183,14 +183,14 @@ def stored_vectors(run_dir, model_name, keys, root=None):
   if missing:
     hints = ['%s is the key of %s' % (keys_of_paths[k], k) for k in missing
              if keys_of_paths.get(k) in found]
-    if not hints:
-      hints = ['%s failed at %s: %s' % (key, failure['stage'], failure['message'])
-               for key, failure in failures_of(run_dir, missing, model_name).items()]
-      root = None
+    if hints:
+      detail = ' (%s; keys are paths relative to %s)' % (', '.join(hints), root)
+    else:  # keys of the run whose inputs failed: why
+      reasons = ['%s failed at %s: %s' % (key, failure['stage'], failure['message'])
+                 for key, failure in failures_of(run_dir, missing, model_name).items()]
+      detail = ' (%s)' % '; '.join(reasons) if reasons else ''
     raise QueryError('no embedding with key %s in model %s%s' % (
-        ', '.join(missing), model_name, ' (%s%s)' % (
-            '; '.join(hints), '; keys are paths relative to %s' % root if root else '')
-        if hints else ''))
+        ', '.join(missing), model_name, detail))
   return np.stack([found[k] for k in keys])
 
 
