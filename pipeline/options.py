@@ -342,7 +342,8 @@ def make_index_only_config(args):
   if not outputs.FileSystems.exists(manifest_path):
     raise UsageError('--output %s holds no finished run (no %s)'
                      % (args.output, outputs.MANIFEST_FILE))
-  models = outputs.read_json(manifest_path)['models']
+  manifest = outputs.read_json(manifest_path)
+  models = manifest['models']
   if args.model:
     chosen = {spec.split('=', 1)[0] for spec in args.model}
     unknown = sorted(chosen - {m['name'] for m in models})
@@ -350,7 +351,7 @@ def make_index_only_config(args):
       raise UsageError('the run has no model %s (it has: %s)' % (
           ', '.join(unknown), ', '.join(m['name'] for m in models)))
     models = [m for m in models if m['name'] in chosen]
-  embedded = outputs.read_json(manifest_path).get('counts', {}).get('models', {})
+  embedded = manifest.get('counts', {}).get('models', {})
   _check_index_type(args, [m['dim'] for m in models],
                     {m['name']: (m['dim'], embedded[m['name']]['embedded']) for m in models
                      if 'embedded' in embedded.get(m['name'], {})})
