@@ -435,11 +435,9 @@ def sort_completed(record, model_names, done):
   found = found_rows(record.key, done)
   current = content_sha256(record.data) if found else None
   yield beam.pvalue.TaggedOutput(READ_TAG, (record.key, read_source(record, current)))
-  up_to_date = set()
+  up_to_date = models_up_to_date(found, current)
   for row in found:
-    status = RESUMED if row.sha256 == current else CHANGED
-    if status == RESUMED:
-      up_to_date.add(row.model)
+    status = RESUMED if row.model in up_to_date else CHANGED
     yield beam.pvalue.TaggedOutput(FOUND_TAG, (status, row.model, record.key))
   if not set(model_names) <= up_to_date:
     yield record._replace(sha256=current)  # the decode stage needs it too
@@ -469,10 +467,17 @@ def rows_to_update(key_and_joined, covered_by_inputs, root):
   return updates
 
 
+def models_up_to_date(rows, sha256):
+  """The models whose every earlier row of a key was made from these bytes. Rows of a
+  repeated key (two inputs under one key) cannot be told apart, and a changed one drops
+  them all (by key): every input of the key is then embedded again, so none is lost."""
+  changed = {row.model for row in rows if row.sha256 != sha256}
+  return {row.model for row in rows} - changed
+
+
 def embedded_already(image, model_name, done):
-  """Whether a DecodedImage has a row of `model_name` made from the same bytes."""
-  return any(row.model == model_name and row.sha256 == image.sha256
-             for row in found_rows(image.key, done))
+  """Whether a DecodedImage has an up-to-date row of `model_name` (models_up_to_date)."""
+  return model_name in models_up_to_date(found_rows(image.key, done), image.sha256)
 
 
 def update_earlier_part(path, found):

@@ -96,3 +96,16 @@ def test_shards_of_one_folder_that_reuse_sample_keys_are_warned_of(tmp_path, tes
   assert manifest['models'][0]['index']['repeated_key_rows'] == 2
   assert ('  warning: v1: 2 rows repeat the key of another (000000000, 000000001): a key '
           'should name one image' in capsys.readouterr().out)
+  # A resume cannot tell the rows of a repeated key apart: it embeds them again, and
+  # never loses one (it used to drop all of them and count them up to date).
+  rows_before = sorted((row['key'], row['sha256']) for row in
+                       pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist())
+  for _ in range(2):
+    run_pipeline.main(['--input', str(folder), '--output', str(out), '--no_report',
+                       '--model', 'v1=' + test_models['v1_tf1'], '--resume', *IN_PROCESS])
+    rows = sorted((row['key'], row['sha256']) for row in
+                  pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist())
+    assert rows == rows_before and len(rows) == 5
+    manifest = json.loads((out / 'manifest.json').read_text())
+    assert manifest['models'][0]['index']['count'] == 5
+    assert manifest['counts']['reconciled']
