@@ -109,3 +109,30 @@ def test_shards_of_one_folder_that_reuse_sample_keys_are_warned_of(tmp_path, tes
     manifest = json.loads((out / 'manifest.json').read_text())
     assert manifest['models'][0]['index']['count'] == 5
     assert manifest['counts']['reconciled']
+
+
+def test_every_row_uri_finds_its_image_again(tmp_path, test_models):
+  """Previews and queries read an image back from its row's uri: a member with an
+  upper-case extension or a '#' in its name, and a TFRecord shard named without its
+  format's extension, as TensorFlow's own tools name them."""
+  from transforms.read import read_uri_bytes  # pylint: disable=import-outside-toplevel
+  images = {name: imagegen.encode(imagegen.photo(seed))
+            for seed, name in enumerate(['A.JPG', 'x y#1.jpg', 'plain.jpg'])}
+  for folder in ('tars', 'records'):
+    (tmp_path / folder).mkdir()
+  write_tar(tmp_path / 'tars' / 'odd.tar', sorted(images.items()))
+  records = [imagegen.encode(imagegen.photo(10 + i)) for i in range(2)]
+  write_tfrecord(tmp_path / 'records' / 'train-00000-of-00001',
+                 [example(data, 'r%d.jpg' % i, i) for i, data in enumerate(records)])
+  expected = {'A': images['A.JPG'], 'x y#1': images['x y#1.jpg'],
+              'plain': images['plain.jpg'],
+              'train-00000-of-00001#0': records[0], 'train-00000-of-00001#1': records[1]}
+  found = {}
+  for folder, input_format in (('tars', 'webdataset'), ('records', 'tfrecord')):
+    out = tmp_path / ('out-' + folder)
+    run_pipeline.main(['--input', str(tmp_path / folder), '--input_format', input_format,
+                       '--output', str(out), '--no_report',
+                       '--model', 'v1=' + test_models['v1_tf1'], *IN_PROCESS])
+    for row in pq.read_table(str(out / 'v1' / 'embeddings')).to_pylist():
+      found[row['key']] = read_uri_bytes(row['uri'])
+  assert found == expected

@@ -693,8 +693,12 @@ def read_uri_bytes(uri):
   if FileSystems.exists(uri) or '#' not in uri:
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
       return f.read()
-  path, _, fragment = uri.rpartition('#')
-  if format_of(path, 'auto') == 'tfrecord':
+  path, fragment = _shard_and_fragment(uri)
+  shard_format = format_of(path, 'auto')
+  if shard_format == 'files':  # a shard named without its format's extension
+    # A record's fragment is its number; a tar member's, KEY.ext.
+    shard_format = 'tfrecord' if fragment.isdigit() else 'webdataset'
+  if shard_format == 'tfrecord':
     with FileSystems.open(path) as handle:
       for index, payload in enumerate(_iter_tfrecord_payloads(handle)):
         if index == int(fragment):
@@ -704,7 +708,19 @@ def read_uri_bytes(uri):
   else:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
       with tarfile.open(fileobj=handle, mode='r:') as tar:
+        # The uri writes the extension in lower case, as samples are grouped by it.
+        wanted = split_member_name(fragment)
         for member in tar:
-          if member.isfile() and member.name == fragment:
+          if member.isfile() and split_member_name(member.name) == wanted:
             return tar.extractfile(member).read()
   raise FileNotFoundError('no image at %s' % uri)
+
+
+def _shard_and_fragment(uri):
+  """'shard#fragment' -> (shard, fragment), split at the first '#' after which the shard
+  exists: a tar member's name may hold '#' too."""
+  for position in (i for i, character in enumerate(uri) if character == '#'):
+    if FileSystems.exists(uri[:position]):
+      return uri[:position], uri[position + 1:]
+  path, _, fragment = uri.rpartition('#')
+  return path, fragment
