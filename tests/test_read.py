@@ -8,6 +8,7 @@ import tarfile
 import pytest
 import tensorflow as tf
 
+import imagegen
 from schemas.records import FailureRecord, ImageRecord, utf8_text
 from transforms import read
 
@@ -159,6 +160,22 @@ def test_missing_file_is_a_read_failure(tmp_path):
   record = read.read_image_file(str(tmp_path / 'gone.jpg'), str(tmp_path) + '/')
   assert isinstance(record, FailureRecord)
   assert record.key == 'gone.jpg' and record.stage == 'read'
+
+
+def test_a_tar_of_a_folder_with_scattered_samples(tmp_path):
+  """tar -C folder . writes './' before every name and the files in directory order,
+  which can put one sample's files apart: the key has no './', and the late members
+  are one failure that says why, not a sample without an image."""
+  jpeg = imagegen.encode(imagegen.photo(1))
+  write_tar(tmp_path / 'w.tar', [('./000.jpg', jpeg), ('./001.cls', b'1'),
+                                 ('./001.jpg', jpeg), ('./000.cls', b'0')])
+  found = list(read.read_webdataset_shard(str(tmp_path / 'w.tar'), str(tmp_path) + '/'))
+  assert [(type(r).__name__, r.key) for r in found] == [
+      ('ImageRecord', '000'), ('ImageRecord', '001'), ('FailureRecord', '000')]
+  assert (found[0].label, found[1].label) == (None, '1')
+  assert found[2].error == 'ScatteredSample' and found[2].message.startswith(
+      'members .cls of sample 000 come after other samples in the shard')
+  assert read.read_uri_bytes(found[0].uri) == jpeg
 
 
 def test_read_uri_bytes_finds_files_records_and_members(tmp_path):

@@ -507,9 +507,25 @@ def _sample_or_failure(shard_path, folder_key, key, members):
                                         STAGE_READ, e)
 
 
+def _scattered_sample(shard_path, folder_key, key, members):
+  """The failure of the members of a sample found after another sample's: a shard is
+  read in one pass, so a sample must be whole where it starts (tar --sort=name, or
+  WebDataset's and img2dataset's writers, keep each sample's files together)."""
+  key, uri = _sample_key_and_uri(shard_path, folder_key, key)
+  return FailureRecord(
+      key=key, uri=uri, stage=STAGE_READ, error='ScatteredSample',
+      message='members %s of sample %s come after other samples in the shard, not next '
+              'to its first members: they are not used (a WebDataset shard keeps each '
+              "sample's files together; tar --sort=name writes it so)" % (
+                  ', '.join(sorted('.' + extension for extension in members)), key))
+
+
 def split_member_name(name):
   """'dir/000123.jpg' -> ('dir/000123', 'jpg'), the WebDataset convention: the key ends
-  at the first dot of the file name."""
+  at the first dot of the file name. A leading './' (tar -C folder . writes one) is no
+  part of the key."""
+  while name.startswith('./'):
+    name = name[2:]
   directory, base = posixpath.split(name)
   stem, _, extension = base.partition('.')
   return posixpath.join(directory, stem), extension.lower()
@@ -534,6 +550,7 @@ def read_webdataset_shard(path, root):
   whose numbers both start at 0."""
   folder_key = relative_key(posixpath.dirname(path) + '/', root)
   key, members, last_member = None, {}, None
+  finished = set()  # keys of the samples yielded
   try:
     with open_input(path, CompressionTypes.UNCOMPRESSED) as handle:
       with tarfile.open(fileobj=handle, mode='r:') as tar:
@@ -542,7 +559,9 @@ def read_webdataset_shard(path, root):
             continue
           member_key, extension = split_member_name(member.name)
           if member_key != key and key is not None:
-            yield _sample_or_failure(path, folder_key, key, members)
+            yield (_scattered_sample(path, folder_key, key, members) if key in finished
+                   else _sample_or_failure(path, folder_key, key, members))
+            finished.add(key)
             members = {}
           key = member_key
           # Links and special files are kept as their TarInfo, never followed: member
@@ -561,7 +580,8 @@ def read_webdataset_shard(path, root):
     yield FailureRecord.from_exception(failed_key, failed_uri, STAGE_READ, e)
     return
   if key is not None:
-    yield _sample_or_failure(path, folder_key, key, members)
+    yield (_scattered_sample(path, folder_key, key, members) if key in finished
+           else _sample_or_failure(path, folder_key, key, members))
   if not ended:
     shard_key = relative_key(path, root) + '#end'
     yield FailureRecord(
