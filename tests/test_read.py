@@ -229,6 +229,7 @@ def test_a_named_pipe_among_the_inputs_is_a_read_failure_not_a_wait(tmp_path, na
   assert len(records) == 1 and isinstance(records[0], FailureRecord), records
   assert (records[0].key, records[0].stage, records[0].error) == (
       key, 'read', 'NotARegularFile')
+  assert records[0].uri == str(tmp_path / key)
   assert 'is a named pipe, not a regular file' in records[0].message
 
 

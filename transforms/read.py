@@ -574,7 +574,7 @@ def read_webdataset_shard(path, root):
     # shard's path names a failure before the first one.
     if key is None:
       failed_key = relative_key(path, root) + '#shard'
-      failed_uri = '%s#%s' % (path, failed_key)
+      failed_uri = path + '#shard'  # as the '#end' of a truncated one
     else:
       failed_key, failed_uri = _sample_key_and_uri(path, folder_key, key)
     yield FailureRecord.from_exception(failed_key, failed_uri, STAGE_READ, e)
