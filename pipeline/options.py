@@ -314,7 +314,7 @@ def _check_index_type(args, dims, vector_counts=None, counted='its embeddings'):
       if count < needed:
         raise UsageError(
             '--index_type %s needs at least %d vectors to train, and model %s can have %d '
-            '(%s); use --index_type auto, or fewer lists or codes' % (
+            '(%s); use --index_type auto, or fewer lists, codes or PCA dimensions' % (
                 args.index_type, needed, name, count, counted))
 
 

@@ -246,7 +246,7 @@ def test_an_index_type_needing_more_vectors_than_files_stops_before_work(one_pho
   assert error_line(result) == (
       'run_pipeline.py: error: --index_type IVF8,Flat needs at least 8 vectors to train, and '
       'model v3 can have 1 (the files --input matches); use --index_type auto, or fewer '
-      'lists or codes')
+      'lists, codes or PCA dimensions')
   assert not (one_photo / 'out').exists()
 
 

@@ -299,14 +299,14 @@ def test_index_only_refuses_an_index_its_vectors_cannot_train(synthetic_run, cap
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       'run_pipeline.py: error: --index_type IVF4096,Flat needs at least 4096 vectors to '
       'train, and model %s can have 3000 (its embeddings); use --index_type auto, or fewer '
-      'lists or codes' % MODEL_NAME)
+      'lists, codes or PCA dimensions' % MODEL_NAME)
   assert (out / 'manifest.json').read_bytes() == before
 
 
 @pytest.mark.parametrize('factory,dim,needed', [
     ('Flat', 32, 0), ('HNSW8', 32, 0), ('IVF64,Flat', 32, 64), ('IVF8,PQ8', 32, 256),
     ('PQ8x4', 32, 16), ('IVF16_HNSW8,SQ8', 32, 16), ('OPQ8,IVF16,PQ8', 32, 256),
-    ('OPQ8,IVF16,PQ8', 512, 512)])
+    ('OPQ8,IVF16,PQ8', 512, 512), ('PCA16,IVF8,Flat', 32, 16), ('PCAR16,Flat', 32, 16)])
 def test_training_minimum_is_what_faiss_trains_on(factory, dim, needed):
   assert index_stage.training_minimum(factory, dim) == needed
   if not needed or (factory.startswith('OPQ') and needed - 1 < dim):
@@ -316,7 +316,8 @@ def test_training_minimum_is_what_faiss_trains_on(factory, dim, needed):
   index.train(rng.random((needed, dim), dtype=np.float32))
   assert index.is_trained
   index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-  with pytest.raises(RuntimeError, match='at least as large as number of clusters'):
+  with pytest.raises(RuntimeError, match='at least as large as number of clusters|'
+                                         'PCA matrix cannot output'):
     index.train(rng.random((needed - 1, dim), dtype=np.float32))
 
 

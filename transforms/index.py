@@ -133,8 +133,9 @@ def check_factory(factory, dim):
 
 def training_minimum(factory, dim):
   """The fewest vectors FAISS trains an index of this factory string on: one per
-  inverted list, one per code of a product quantizer, and for OPQ's rotation also one
-  per input dimension (FAISS 1.15 aborts the process, uncatchable, with fewer)."""
+  inverted list, one per code of a product quantizer, one per output dimension of a
+  PCA, and for OPQ's rotation also one per input dimension (FAISS 1.15 aborts the
+  process, uncatchable, with fewer)."""
   index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
   if index.is_trained:
     return 0
@@ -147,6 +148,8 @@ def training_minimum(factory, dim):
   for part in parts:
     if isinstance(part, faiss.OPQMatrix):
       needs.append(max(2 ** 8, part.d_in))  # its quantizer's codes: 8 bits each
+    elif isinstance(part, faiss.PCAMatrix):
+      needs.append(part.d_out)
     elif hasattr(part, 'pq'):
       needs.append(part.pq.ksub)
   return max(needs)
