@@ -15,7 +15,6 @@ JSON.
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import imagegen
 import tensorflow as tf
 from PIL import Image
 
-from benchmarks.bench_pipeline import camera_like
+from benchmarks.bench_pipeline import camera_like, print_report
 from benchmarks.tfdata_baseline import preprocess
 from transforms.decode import decode_image
 
@@ -125,10 +124,7 @@ def main():
   print('|---|%s|' % '|'.join('---' for _ in COLUMNS))
   results = measure(args.images, args.repeats, args.size)
   report = {'width': WIDTH, 'height': HEIGHT, 'size': args.size, 'variants': results}
-  print(json.dumps(report))
-  if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=2)
+  print_report(report, args.json)
 
 
 if __name__ == '__main__':

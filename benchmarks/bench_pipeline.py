@@ -407,9 +407,14 @@ def run(args, workdir):
   if len(copies) > 2:
     print('flat wall / flat cpu: time per image %s (1.0 is flat)'
           % flatness_label(copies))
-  print(json.dumps(report, indent=2))
-  if args.json:
-    with open(args.json, 'w') as f:
+  print_report(report, args.json, indent=2)
+
+
+def print_report(report, path=None, indent=None):
+  """Prints a benchmark's JSON figures, and writes them to path when one is given."""
+  print(json.dumps(report, indent=indent))
+  if path:
+    with open(path, 'w', encoding='utf-8') as f:
       json.dump(report, f, indent=2)
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(PROJECT, 'tests'))
 import numpy as np
 from PIL import Image
 
-from benchmarks.bench_pipeline import SEED_SIZES, dataset_files
+from benchmarks.bench_pipeline import SEED_SIZES, dataset_files, print_report
 from benchmarks.model_ceiling import read_encoded
 from transforms.decode import DRAFT_MARGIN, load_image
 
@@ -104,10 +104,7 @@ def main():
         row['resize_share'], *('%.2f' % row[key] if key in row else '-' for key in (
             'pipeline_over_ceiling', 'free_resize', 'free_decode_and_resize'))), flush=True)
   report = {'dataset': dataset, 'images': len(blobs), 'models': results}
-  print(json.dumps(report))
-  if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=2)
+  print_report(report, args.json)
 
 
 if __name__ == '__main__':
