@@ -107,6 +107,8 @@ def test_a_large_k_gets_k_neighbours_from_an_approximate_index(factory):
   narrow = index.search(vectors[:20], 150)[1]
   assert (narrow < 0).any()  # the test would prove nothing otherwise
   results = index_stage.search(index, keys, keys, vectors[:20], 150)
+  # The tuned setting is back: later searches of the index are not widened.
+  assert (index.search(vectors[:20], 150)[1] == narrow).all()
   truth = index_stage.exact_neighbors(vectors, vectors[:20], 150)
   assert [len(neighbors) for neighbors in results] == [150] * 20
   found = np.array([[int(n['key']) for n in neighbors] for neighbors in results])

@@ -1,5 +1,6 @@
 """Index stage: a model's embedding Parquet -> a FAISS cosine index with its id table and info."""
 
+import contextlib
 import ctypes
 import math
 import os
@@ -794,21 +795,35 @@ def _graph_of(index):
   return index.hnsw
 
 
-def _widen_search(index, k):
-  """Widens the index's search about twice per step, up to all of the index; yields
-  after each step."""
+@contextlib.contextmanager
+def _widening_search(index, k):
+  """Gives steps that widen the index's search about twice each, up to all of the
+  index; the tuned setting is put back afterwards, so that later searches of the same
+  index are not slowed by one query's large k."""
   ivf = faiss.try_extract_index_ivf(index)
   graph = _graph_of(ivf.quantizer if ivf is not None else index)
-  while True:
-    if ivf is not None and ivf.nprobe < ivf.nlist:
-      ivf.nprobe = min(2 * ivf.nprobe, ivf.nlist)
-      if graph is not None:  # a graph as coarse quantizer must find that many lists
-        graph.efSearch = max(graph.efSearch, 2 * ivf.nprobe)
-    elif ivf is None and graph is not None and graph.efSearch < index.ntotal:
-      graph.efSearch = min(max(2 * graph.efSearch, k), index.ntotal)
-    else:
-      return
-    yield
+  tuned = (ivf.nprobe if ivf is not None else None,
+           graph.efSearch if graph is not None else None)
+
+  def steps():
+    while True:
+      if ivf is not None and ivf.nprobe < ivf.nlist:
+        ivf.nprobe = min(2 * ivf.nprobe, ivf.nlist)
+        if graph is not None:  # a graph as coarse quantizer must find that many lists
+          graph.efSearch = max(graph.efSearch, 2 * ivf.nprobe)
+      elif ivf is None and graph is not None and graph.efSearch < index.ntotal:
+        graph.efSearch = min(max(2 * graph.efSearch, k), index.ntotal)
+      else:
+        return
+      yield
+
+  try:
+    yield steps()
+  finally:
+    if ivf is not None:
+      ivf.nprobe = tuned[0]
+    if graph is not None:
+      graph.efSearch = tuned[1]
 
 
 def search(index, keys, uris, query_vectors, k):
@@ -821,11 +836,12 @@ def search(index, keys, uris, query_vectors, k):
   scores, ids = index.search(query_vectors, k)
   # The tuned setting reaches the top 10; a larger k can run out of candidates (the
   # probed lists of an inverted file, a graph's search queue) and come back short.
-  for _ in _widen_search(index, k):
-    short = (ids < 0).any(axis=1)
-    if not short.any():
-      break
-    scores[short], ids[short] = index.search(query_vectors[short], k)
+  with _widening_search(index, k) as steps:
+    for _ in steps:
+      short = (ids < 0).any(axis=1)
+      if not short.any():
+        break
+      scores[short], ids[short] = index.search(query_vectors[short], k)
   # Float rounding can put the cosine of an image with itself a hair above 1.
   scores = np.clip(scores, -1.0, 1.0)
   return [[{'rank': rank + 1, 'key': keys[i], 'uri': uris[i], 'score': float(score)}
