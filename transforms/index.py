@@ -795,17 +795,15 @@ def _graph_of(index):
   return index.hnsw
 
 
-@contextlib.contextmanager
-def _widening_search(index, k):
-  """Gives steps that widen the index's search about twice each, up to all of the
-  index; the tuned setting is put back afterwards, so that later searches of the same
-  index are not slowed by one query's large k."""
+def _widen_search(index, k):
+  """Widens the index's search about twice per step, up to all of the index; yields
+  after each step. Closed, it puts the tuned setting back, so that later searches of
+  the same index are not slowed by one query's large k."""
   ivf = faiss.try_extract_index_ivf(index)
   graph = _graph_of(ivf.quantizer if ivf is not None else index)
-  tuned = (ivf.nprobe if ivf is not None else None,
-           graph.efSearch if graph is not None else None)
-
-  def steps():
+  tuned_nprobe = ivf.nprobe if ivf is not None else None
+  tuned_ef_search = graph.efSearch if graph is not None else None
+  try:
     while True:
       if ivf is not None and ivf.nprobe < ivf.nlist:
         ivf.nprobe = min(2 * ivf.nprobe, ivf.nlist)
@@ -816,14 +814,11 @@ def _widening_search(index, k):
       else:
         return
       yield
-
-  try:
-    yield steps()
   finally:
     if ivf is not None:
-      ivf.nprobe = tuned[0]
+      ivf.nprobe = tuned_nprobe
     if graph is not None:
-      graph.efSearch = tuned[1]
+      graph.efSearch = tuned_ef_search
 
 
 def search(index, keys, uris, query_vectors, k):
@@ -836,7 +831,7 @@ def search(index, keys, uris, query_vectors, k):
   scores, ids = index.search(query_vectors, k)
   # The tuned setting reaches the top 10; a larger k can run out of candidates (the
   # probed lists of an inverted file, a graph's search queue) and come back short.
-  with _widening_search(index, k) as steps:
+  with contextlib.closing(_widen_search(index, k)) as steps:
     for _ in steps:
       short = (ids < 0).any(axis=1)
       if not short.any():
